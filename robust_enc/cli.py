@@ -1,0 +1,113 @@
+"""``robust-enc`` command line. Each subcommand lives with its subsystem as ``add_arguments(parser)`` +
+``run(args) -> int``; this module only wires them up and turns user errors into one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from robust_enc.errors import UserError
+
+# subcommand -> (module with add_arguments/run, one-line help). Modules are imported lazily: --help stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("robust_enc.train.cli", "train a model with a regularizer spec (baseline, enc, cutmix, ...)"),
+    "attack": ("robust_enc.attacks.cli", "run FGSM/PGD/... through ART over a data set, with an eps sweep"),
+    "gbr": ("robust_enc.gbr", "measure the Generalization Bound Regularizer (paper eq. 18) of a model"),
+    "report": ("robust_enc.reports.cli", "Table 3-style leaderboard, correlation with GBR, plots"),
+    "reproduce": ("robust_enc.reproduce", "the whole Table 3 study in one command (train, gbr, attack, report)"),
+    "models": ("robust_enc.cli", "list the model zoo"),
+    "datasets": ("robust_enc.cli", "list the data sets"),
+}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default_dataset: str | None = "digits") -> None:
+    """Options every data-reading subcommand shares."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default=default_dataset, help="data set registry name (see 'robust-enc datasets')")
+    group.add_argument("--data-dir", default=None, help="folder holding the data set files")
+    group.add_argument("--download", action="store_true", help="let torchvision download the data set (network)")
+    group.add_argument("--subset", type=int, default=0, help="deterministic class-balanced subset size (0 = all)")
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+
+def resolve_device(name: str) -> "torch.device":  # noqa: F821
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+    return device
+
+
+def _list_registry(kind: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if kind == "models":
+        from robust_enc.models import MODELS as registry
+    else:
+        from robust_enc.data import DATASETS as registry
+    table = Table(title=f"robust-enc {kind}")
+    table.add_column("name")
+    table.add_column("description")
+    for entry in registry.entries():
+        table.add_row(entry.name + (":<arg>" if entry.takes_argument else ""), entry.help)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from robust_enc import __version__
+
+    parser = argparse.ArgumentParser(prog="robust-enc", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"robust-enc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name, _command=name)
+        if module_name != __name__:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if not args.command:
+            parser.print_help()
+            return 2
+        if args._module == __name__:
+            return _list_registry(args._command)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"robust-enc: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robust-enc: interrupted; finished results are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

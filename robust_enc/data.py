@@ -1,0 +1,370 @@
+"""Data sets, one registry. Every data set yields float images in [0, 1] (C, H, W) and integer labels.
+
+Normalization lives inside the model (``models.Normalize``), so attack eps is in pixel units. Small sets (digits,
+Fashion-MNIST, CIFAR) sit in memory; ImageNet and other image folders stream through DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import multiprocessing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from robust_enc.errors import UserError
+from robust_enc.registry import Registry
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata a model and a result row need about a data set split."""
+
+    name: str  # registry name as given, e.g. "digits" or "folder:/data/x"
+    split: str  # "train", "test" or "val"
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W) of one image as the model sees it
+    mean: tuple[float, ...]  # per channel, for the model's normalizer
+    std: tuple[float, ...]
+    size: int  # number of examples (after --subset)
+    subset: int = 0  # requested subset size; 0 = whole split
+    class_names: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetInfo:
+        data = dict(data)
+        for key in ("input_shape", "mean", "std", "class_names"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # registry name
+    data_dir: str | None = None  # where the files are (per-data-set defaults otherwise)
+    download: bool = False  # let torchvision download (needs network)
+    subset: int = 0  # deterministic class-balanced subset of this many examples; 0 = all
+    batch_size: int = 128
+    workers: int = 0  # DataLoader worker processes; 0 = load in the main process
+
+
+Builder = Callable[..., tuple[Dataset, DatasetInfo]]
+DATASETS: Registry[Builder] = Registry("dataset")
+
+
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W) float in [0, 1] with int64 labels; an optional per-item transform."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Callable | None = None) -> None:
+        assert x.dtype == torch.float32 and x.ndim == 4 and len(x) == len(y)
+        self.x, self.y, self.transform = x, y.long(), transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.x[i]
+        return (self.transform(x) if self.transform else x), int(self.y[i])
+
+    @property
+    def targets(self) -> list[int]:
+        return self.y.tolist()
+
+
+def _train_augment(image_size: int, flip: bool) -> Callable:
+    from torchvision.transforms import v2
+
+    steps: list = [v2.RandomCrop(image_size, padding=max(1, image_size // 8))]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+@DATASETS.register("digits", help="scikit-learn's bundled 8x8 digits (1,797 images, offline): the default")
+def build_digits(split: str, *, augment: bool = False, **_: Any) -> tuple[Dataset, DatasetInfo]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)  # values 0..16 -> [0, 1]
+    y = torch.tensor(bunch.target)
+    # A fixed, seeded, stratified 75/25 split: the same on every machine.
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=bunch.target)
+    idx = {"train": idx_train, "test": idx_test}.get(split)
+    if idx is None:
+        raise UserError(f"digits has splits train and test, not {split!r}")
+    idx = np.sort(idx)
+    mean, std = float(x[idx_train].mean()), float(x[idx_train].std())
+    data = TensorImages(x[idx].contiguous(), y[idx], _train_augment(8, flip=False) if augment else None)
+    return data, DatasetInfo("digits", split, 10, (1, 8, 8), (mean,), (std,), len(data))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_fashion_file(stem: str, data_dir: str | None) -> Path | None:
+    roots = [Path(data_dir)] if data_dir else []
+    roots += [FASHION_MNIST_SYSTEM_DIR]
+    for root in roots:
+        for folder in (root, root / "FashionMNIST" / "raw"):
+            for name in (f"{stem}.gz", stem):
+                if (folder / name).is_file():
+                    return folder / name
+    return None
+
+
+@DATASETS.register("fashion-mnist", help="Fashion-MNIST IDX files (--data-dir, Debian's package, or --download)")
+def build_fashion_mnist(split: str, *, data_dir: str | None = None, download: bool = False, augment: bool = False,
+                        **_: Any) -> tuple[Dataset, DatasetInfo]:
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise UserError(f"fashion-mnist has splits train and test, not {split!r}")
+    images = _find_fashion_file(f"{prefix}-images-idx3-ubyte", data_dir)
+    labels = _find_fashion_file(f"{prefix}-labels-idx1-ubyte", data_dir)
+    if images is None or labels is None:
+        if not download:
+            raise UserError("Fashion-MNIST files not found in --data-dir or /usr/share/datasets/fashion-mnist: "
+                            "run 'apt-get install dataset-fashion-mnist', or pass --download on a networked machine")
+        from torchvision.datasets import FashionMNIST
+
+        root = Path(data_dir or "data")
+        FashionMNIST(str(root), train=split == "train", download=True)
+        return build_fashion_mnist(split, data_dir=str(root), augment=augment)
+    x = torch.from_numpy(read_idx(images).copy()).float().div_(255).unsqueeze(1)
+    y = torch.from_numpy(read_idx(labels).astype(np.int64))
+    data = TensorImages(x, y, _train_augment(28, flip=True) if augment else None)
+    # Mean/std of the training images (measured: 0.2860 / 0.3530).
+    return data, DatasetInfo("fashion-mnist", split, 10, (1, 28, 28), (0.2860,), (0.3530,), len(data),
+                             class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                          "Sneaker", "Bag", "Ankle boot"))
+
+
+def _build_cifar(cls_name: str, registry_name: str, num_classes: int, mean: tuple, std: tuple) -> Builder:
+    def build(split: str, *, data_dir: str | None = None, download: bool = False, augment: bool = False,
+              **_: Any) -> tuple[Dataset, DatasetInfo]:
+        import torchvision
+
+        if split not in ("train", "test"):
+            raise UserError(f"{registry_name} has splits train and test, not {split!r}")
+        root = data_dir or "data"
+        try:
+            ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=download)
+        except RuntimeError as err:
+            raise UserError(f"{registry_name} not found under {root} ({err}); pass --data-dir or --download") from None
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255).contiguous()
+        data = TensorImages(x, torch.tensor(ds.targets), _train_augment(32, flip=True) if augment else None)
+        info = DatasetInfo(registry_name, split, num_classes, (3, 32, 32), mean, std, len(data),
+                           class_names=tuple(ds.classes))
+        return data, info
+
+    return build
+
+
+DATASETS.register("cifar10", help="CIFAR-10 via torchvision (--data-dir or --download)")(
+    _build_cifar("CIFAR10", "cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+DATASETS.register("cifar100", help="CIFAR-100 via torchvision (--data-dir or --download)")(
+    _build_cifar("CIFAR100", "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
+
+
+class UnreadableImage(Exception):
+    pass
+
+
+class SafeImageFolder(Dataset):
+    """torchvision ImageFolder that survives corrupt files: such an item gets label -1, is logged by path, counted
+    in a counter shared with DataLoader workers, and dropped by ``collate_readable``."""
+
+    def __init__(self, root: Path, transform: Callable) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            self.folder = ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise UserError(f"cannot read image folder {root}: {err}") from None
+        self.transform = transform
+        self.targets = list(self.folder.targets)
+        self.unreadable = multiprocessing.Value("i", 0)  # shared memory: forked workers add to the same count
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.folder.samples[i]
+        try:
+            image = self.folder.loader(path)
+            return self.transform(image), label
+        except Exception as err:  # PIL raises many types for corrupt files
+            with self.unreadable.get_lock():
+                self.unreadable.value += 1
+            log.warning("skipping unreadable image %s (%s)", path, err)
+            return torch.zeros(0), -1
+
+
+def collate_readable(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default collation minus the items ``SafeImageFolder`` marked unreadable (label -1)."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in batch if item[1] >= 0]
+    if not kept:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return default_collate(kept)
+
+
+def unreadable_count(dataset: Dataset) -> int:
+    """Number of files skipped as unreadable so far (0 for data sets that cannot have any)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    counter = getattr(dataset, "unreadable", None)
+    return int(counter.value) if counter is not None else 0
+
+
+def _image_folder_transform(train: bool, image_size: int) -> Callable:
+    from torchvision.transforms import v2
+
+    # The standard ImageNet recipes: random-resized crop + flip for training; resize 256 / centre crop 224 to evaluate.
+    if train:
+        steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.Resize(int(round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
+
+
+@DATASETS.register("imagenet", help="ImageNet train/ and val/ ImageFolder layouts under --data-dir (val/<wnid>/*.JPEG)")
+def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = False, image_size: int | None = None,
+                   **_: Any) -> tuple[Dataset, DatasetInfo]:
+    if not data_dir:
+        raise UserError("imagenet needs --data-dir pointing at a folder with train/ and val/ (val/<wnid>/*.JPEG)")
+    size = image_size or 224
+    data = SafeImageFolder(Path(data_dir) / split, _image_folder_transform(augment, size))
+    classes = tuple(data.folder.classes)
+    return data, DatasetInfo("imagenet", split, len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
+                             len(data), class_names=classes)
+
+
+@DATASETS.register("folder", takes_argument=True, help="any ImageFolder: folder:PATH (PATH/<class>/<image>)")
+def build_folder(split: str, *, argument: str, augment: bool = False, image_size: int | None = None,
+                 **_: Any) -> tuple[Dataset, DatasetInfo]:
+    root = Path(argument)
+    if (root / split).is_dir():  # PATH/train, PATH/val layouts; otherwise PATH itself is the split
+        root = root / split
+    size = image_size or 224
+    data = SafeImageFolder(root, _image_folder_transform(augment, size))
+    classes = tuple(data.folder.classes)
+    return data, DatasetInfo(f"folder:{argument}", split, len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
+                             len(data), class_names=classes)
+
+
+class SyntheticImages(Dataset):
+    """Seeded images generated per index (nothing held in memory): a class prototype plus noise, so it is learnable."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int, size: int, seed: int) -> None:
+        self.shape, self.num_classes, self.size, self.seed = shape, num_classes, size, seed
+        g = torch.Generator().manual_seed(seed)
+        # Low-resolution prototypes upsampled, so the classes differ in smooth, learnable patterns.
+        low = torch.rand(num_classes, shape[0], 4, 4, generator=g)
+        self.prototypes = torch.nn.functional.interpolate(low, size=shape[1:], mode="bilinear", align_corners=False)
+        self.targets = [i % num_classes for i in range(size)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = self.targets[i]
+        x = self.prototypes[label] + 0.25 * torch.randn(self.shape, generator=g)
+        return x.clamp_(0, 1), label
+
+
+@DATASETS.register("synthetic", takes_argument=True,
+                   help="seeded random images: synthetic:CxHxW:CLASSES:N (e.g. synthetic:3x32x32:10:512)")
+def build_synthetic(split: str, *, argument: str, **_: Any) -> tuple[Dataset, DatasetInfo]:
+    try:
+        shape_text, classes_text, size_text = argument.split(":")
+        shape = tuple(int(v) for v in shape_text.lower().split("x"))
+        num_classes, size = int(classes_text), int(size_text)
+        assert len(shape) == 3 and min(shape) > 0 and num_classes > 1 and size > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"bad synthetic spec {argument!r}: use synthetic:CxHxW:CLASSES:N, "
+                        "e.g. synthetic:3x32x32:10:512") from None
+    seed = {"train": 0, "test": 1, "val": 1}.get(split, 2)  # the splits are different images of the same classes
+    data = SyntheticImages(shape, num_classes, size, seed)  # type: ignore[arg-type]
+    channels = shape[0]
+    return data, DatasetInfo(f"synthetic:{argument}", split, num_classes, shape, (0.5,) * channels,  # type: ignore
+                             (0.25,) * channels, size)
+
+
+def _targets(dataset: Dataset) -> list[int]:
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    return list(targets)
+
+
+def balanced_subset_indices(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """A deterministic, class-balanced subset of ``n`` indices.
+
+    Within each class the indices are shuffled with a fixed seed; classes then take turns (in class order) giving
+    their next index until ``n`` are taken, so class counts differ by at most one while every class lasts. The
+    result is sorted, so the subset is the same set, in the same order, on every machine.
+    """
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(targets == c)) for c in np.unique(targets)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n and any(depth < len(p) for p in per_class):
+        for p in per_class:
+            if depth < len(p) and len(chosen) < n:
+                chosen.append(int(p[depth]))
+        depth += 1
+    return sorted(chosen)
+
+
+def build_dataset(name: str, split: str, *, data_dir: str | None = None, download: bool = False, subset: int = 0,
+                  augment: bool = False, image_size: int | None = None) -> tuple[Dataset, DatasetInfo]:
+    """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset."""
+    entry, argument = DATASETS.lookup(name)
+    kwargs: dict[str, Any] = dict(data_dir=data_dir, download=download, augment=augment, image_size=image_size)
+    if argument is not None:
+        kwargs["argument"] = argument
+    dataset, info = entry.obj(split, **kwargs)
+    if subset < 0:
+        raise UserError(f"--subset must be >= 0 (0 = whole split), got {subset}")
+    if len(dataset) == 0:
+        raise UserError(f"data set {name} split {split} is empty")
+    if subset:
+        dataset = Subset(dataset, balanced_subset_indices(_targets(dataset), subset))
+        info = DatasetInfo(**{**info.to_dict(), "size": len(dataset), "subset": subset})
+    return dataset, info
+
+
+def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0,
+                 sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader that drops unreadable images and, when shuffling, shuffles reproducibly from ``seed``."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate_readable, generator=generator, drop_last=drop_last,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,238 @@
+"""Model zoo, one registry. Every built model is ``NormalizedModel``: a normalizer holding the data set's mean/std
+as buffers, then the network. Inputs are images in [0, 1], outputs are logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust_enc.errors import UserError
+from robust_enc.registry import Registry
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers, so they travel with the state dict and the device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class NormalizedModel(nn.Module):
+    def __init__(self, normalize: Normalize, net: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model: stored in every checkpoint."""
+
+    name: str  # model registry name
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    regularizer: str = "baseline"  # canonical regularizer spec; some entries change the architecture (ENC, Dropout)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra builder options
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        data = dict(data)
+        for key in ("input_shape", "mean", "std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+# A builder takes (num_classes, in_chans, image_size, argument, **kwargs) and returns the bare network.
+ModelBuilder = Callable[..., nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+# ---------------------------------------------------------------- CIFAR-style ResNets (He et al. 2016, section 4.2)
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:  # projection shortcut (option B): a conv ENC can constrain too
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """3x3 stem, three stages (stride 1, 2, 2), global pooling, linear classifier. ``fc`` is the classifier, as in
+    torchvision, so regularizers that treat the classifier specially find it by name."""
+
+    def __init__(self, blocks_per_stage: int, widths: Sequence[int], num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        layers, in_planes = [], widths[0]
+        for stage, planes in enumerate(widths):
+            for b in range(blocks_per_stage):
+                layers.append(BasicBlock(in_planes, planes, 2 if stage > 0 and b == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():  # Kaiming init, as the paper's recipe
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@MODELS.register("resnet20", help="CIFAR-style ResNet-20 (272k params), any input size >= 8", min_size=8)
+def resnet20(num_classes: int, in_chans: int, **_: Any) -> nn.Module:
+    return CifarResNet(3, (16, 32, 64), num_classes, in_chans)
+
+
+@MODELS.register("resnet56", help="CIFAR-style ResNet-56 (855k params)", min_size=8)
+def resnet56(num_classes: int, in_chans: int, **_: Any) -> nn.Module:
+    return CifarResNet(9, (16, 32, 64), num_classes, in_chans)
+
+
+@MODELS.register("resnet_tiny", help="one block per stage, widths 8/16/32 (~20k params): for 8x8 and 28x28 tests",
+                 min_size=4)
+def resnet_tiny(num_classes: int, in_chans: int, **_: Any) -> nn.Module:
+    return CifarResNet(1, (8, 16, 32), num_classes, in_chans)
+
+
+# ---------------------------------------------------------------- torchvision ImageNet models
+def _set_in_chans(net: nn.Module, attr_path: str, in_chans: int) -> None:
+    """Replace the stem conv when the data set has other than 3 channels (e.g. 1 for Fashion-MNIST)."""
+    if in_chans == 3:
+        return
+    parent_path, _, attr = attr_path.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    old: nn.Conv2d = getattr(parent, attr)
+    setattr(parent, attr, nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                    bias=old.bias is not None))
+
+
+def _torchvision(arch: str, stem: str, min_size: int, help: str) -> None:
+    @MODELS.register(arch, help=help, min_size=min_size, pretrained_source="torchvision")
+    def build(num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        import torchvision
+
+        weights = "DEFAULT" if pretrained else None
+        if pretrained:
+            net = torchvision.models.get_model(arch, weights=weights)  # downloads: needs network
+            if num_classes != net.fc.out_features if hasattr(net, "fc") else False:
+                raise UserError(f"pretrained {arch} has 1000 classes, the data set {num_classes}")
+        else:
+            net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        _set_in_chans(net, stem, in_chans)
+        return net
+
+
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+              "wide_resnet50_2"):
+    _torchvision(_arch, "conv1", 8, f"torchvision {_arch} (ImageNet stem)")
+_torchvision("densenet201", "features.conv0", 32, "torchvision densenet201")
+
+
+# ---------------------------------------------------------------- timm models
+def _timm_build(arch: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    import timm
+
+    try:
+        # timm.create_model drops None kwargs itself, so unset options keep the builder's defaults.
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            close = timm.list_models(f"*{arch[:4]}*")[:5]
+            raise UserError(f"timm has no model {arch!r} (similar: {', '.join(close)})") from None
+        raise
+
+
+@MODELS.register("seresnet50", help="timm SE-ResNet-50", min_size=8, pretrained_source="timm")
+def seresnet50(num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+    return _timm_build("seresnet50", num_classes, in_chans, **kwargs)
+
+
+@MODELS.register("seresnet101", help="timm SE-ResNet-101", min_size=8, pretrained_source="timm")
+def seresnet101(num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+    return _timm_build("seresnet101", num_classes, in_chans, **kwargs)
+
+
+@MODELS.register("timm", takes_argument=True, help="any timm model: timm:<name>", min_size=32,
+                 pretrained_source="timm")
+def timm_any(num_classes: int, in_chans: int, argument: str, **kwargs: Any) -> nn.Module:
+    return _timm_build(argument, num_classes, in_chans, **kwargs)
+
+
+def build_network(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedModel:
+    """Build the plain network (no regularizer changes) from a spec."""
+    entry, argument = MODELS.lookup(spec.name)
+    channels, height, width = spec.input_shape
+    min_size = entry.meta.get("min_size", 1)
+    if min(height, width) < min_size:
+        raise UserError(f"model {spec.name} needs inputs of at least {min_size}x{min_size}, the data set gives "
+                        f"{height}x{width}; pick a smaller model such as resnet20 or resnet_tiny")
+    kwargs = dict(spec.kwargs)
+    if argument is not None:
+        kwargs["argument"] = argument
+    if pretrained:
+        kwargs["pretrained"] = True
+    net = entry.obj(num_classes=spec.num_classes, in_chans=channels, **kwargs)
+    return NormalizedModel(Normalize(spec.mean, spec.std), net)
+
+
+def build_model(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedModel:
+    """Build a model with the architecture changes its regularizer spec asks for (ENC, WN, WS, Dropout, ...)."""
+    from robust_enc.train.regularizers import prepare_model  # lazy: train/ builds on models, not the reverse
+
+    return prepare_model(build_network(spec, pretrained=pretrained), spec.regularizer)
+
+
+def classifier_of(model: nn.Module) -> nn.Module | None:
+    """The final linear classifier (``fc``, ``classifier`` or timm's ``get_classifier()``), or None."""
+    net = model.net if isinstance(model, NormalizedModel) else model
+    if hasattr(net, "get_classifier"):
+        return net.get_classifier()
+    for name in ("fc", "classifier", "head"):
+        module = getattr(net, name, None)
+        if isinstance(module, nn.Linear):
+            return module
+        if isinstance(module, nn.Sequential) and isinstance(module[-1], nn.Linear):
+            return module[-1]
+    return None
+
+
+def weight_norms(model: nn.Module) -> dict[str, float]:
+    """||W||_F^2 of every conv and linear weight as the forward pass uses it (after any reparameterization), by
+    module name. Their sum is the quantity weight decay bounds GBR with (paper eq. 17)."""
+    norms = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            with torch.no_grad():
+                norms[name] = float(module.weight.detach().float().pow(2).sum())
+    return norms

@@ -1,0 +1,187 @@
+"""The one results schema: a ``ResultRow`` per model x data set x attack x eps.
+
+Numbers stay numbers: eps is a float in [0, 1] pixel units, accuracies are fractions in [0, 1]; only renderers show
+percent or "4/255". The clean row is attack ``none`` with eps 0. ``adv_top1`` counts an example as robust only when it
+is classified correctly both clean and under attack (RobustBench/AutoAttack), so ``adv_top1 <= clean_top1`` always.
+Missing numbers (top-5 with <= 10 classes, GBR not measured) are NaN.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from robust_enc.errors import UserError
+from robust_enc.io import write_atomic
+
+SCHEMA_NAME = "robust-enc/results"
+SCHEMA_VERSION = 1
+NAN = float("nan")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that every row and checkpoint records."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from robust_enc import __version__
+
+    try:
+        art = version("adversarial-robustness-toolbox")
+    except PackageNotFoundError:
+        art = ""
+    return {"robust_enc_version": __version__, "torch_version": torch.__version__, "art_version": art}
+
+
+@dataclass
+class ResultRow:
+    # what was evaluated
+    run_id: str  # name of the training run (or of the weights file)
+    model: str  # model registry name, e.g. "resnet20"
+    regularizer: str  # canonical regularizer spec, e.g. "enc:variant=eq22,alpha=1+cutmix"
+    dataset: str  # dataset registry name
+    split: str  # "test", "val", ...
+    subset: int  # requested subset size; 0 = the whole split
+    # the threat
+    attack: str  # attack registry name; "none" = clean row, "worst" = per-example worst case over attacks
+    norm: str  # "linf", "l2" or "none"
+    eps: float  # [0, 1] pixel units
+    steps: int = 0
+    step_size: float = 0.0  # pixel units
+    restarts: int = 0
+    seed: int = 0
+    # what was measured
+    n: int = 0  # examples evaluated
+    clean_top1: float = NAN  # fraction
+    clean_top5: float = NAN
+    adv_top1: float = NAN  # fraction correct clean AND adversarial
+    adv_top5: float = NAN
+    gbr: float = NAN  # eq. 18 of the paper, on logits unless gbr_output says otherwise
+    gbr_stderr: float = NAN
+    gbr_output: str = ""
+    train_top1: float = NAN  # from the checkpoint, for the generalization gap
+    weight_sq_norm: float = NAN  # sum of ||W||_F^2 over conv/linear weights (as used in forward)
+    wall_s: float = NAN
+    images_per_s: float = NAN
+    flags: str = ""  # ";"-separated sanity-check failures (empty = all checks passed)
+    # provenance
+    checkpoint_hash: str = ""
+    robust_enc_version: str = ""
+    torch_version: str = ""
+    art_version: str = ""
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError when the row breaks the schema's invariants."""
+        if not 0.0 <= self.eps <= 1.0:
+            raise ValueError(f"eps {self.eps} outside [0, 1] pixel units")
+        if self.attack == "none" and self.eps != 0.0:
+            raise ValueError("the clean row (attack 'none') must have eps 0")
+        for name in ("clean_top1", "clean_top5", "adv_top1", "adv_top5"):
+            value = getattr(self, name)
+            if not math.isnan(value) and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value} is not a fraction in [0, 1]")
+        if not math.isnan(self.adv_top1) and not math.isnan(self.clean_top1) and self.adv_top1 > self.clean_top1 + 1e-12:
+            raise ValueError(f"adv_top1 {self.adv_top1} > clean_top1 {self.clean_top1}")
+
+    def key(self) -> tuple:
+        """Identity of a measurement: rows with the same key are duplicates of one another."""
+        return (self.run_id, self.checkpoint_hash, self.dataset, self.split, self.subset, self.attack, self.norm,
+                round(self.eps, 9), self.steps, round(self.step_size, 9), self.restarts, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = [f.name for f in fields(ResultRow)]
+_FIELD_TYPES = {f.name: f.type for f in fields(ResultRow)}
+
+
+def _coerce(name: str, text: Any) -> Any:
+    kind = _FIELD_TYPES[name]
+    if kind == "float":
+        return NAN if text in ("", None) else float(text)
+    if kind == "int":
+        return int(float(text))
+    return "" if text is None else str(text)
+
+
+def row_from_dict(data: dict[str, Any], *, source: str = "results") -> ResultRow:
+    missing = [n for n in FIELD_NAMES if n not in data]
+    extra = [n for n in data if n not in _FIELD_TYPES]
+    if missing or extra:
+        raise UserError(
+            f"{source}: not a robust-enc v{SCHEMA_VERSION} results file (missing columns {missing[:5]}, unknown "
+            f"{extra[:5]}); re-create it with this version of robust-enc"
+        )
+    try:
+        return ResultRow(**{n: _coerce(n, data[n]) for n in FIELD_NAMES})
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: invalid row ({err})") from None
+
+
+def _nan_to_empty(value: Any) -> Any:
+    return "" if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
+    """Write rows atomically; the format follows the suffix (.csv or .json)."""
+    path = Path(path)
+    rows = list(rows)
+    if path.suffix == ".json":
+        payload = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION,
+                   "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                             for k, v in r.to_dict().items()} for r in rows]}
+        return write_atomic(path, lambda f: json.dump(payload, f, indent=1, allow_nan=False))
+
+    def write_csv(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=FIELD_NAMES)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _nan_to_empty(v) for k, v in r.to_dict().items()})
+
+    return write_atomic(path, write_csv)
+
+
+def read_results(path: str | Path) -> list[ResultRow]:
+    """Read a .csv or .json results file; a file of another schema raises a UserError saying so."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"results file {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_NAME:
+            raise UserError(f"{path}: not a robust-enc results file (no '\"schema\": \"{SCHEMA_NAME}\"')")
+        if payload.get("version") != SCHEMA_VERSION:
+            raise UserError(f"{path}: results schema v{payload.get('version')}, this robust-enc reads "
+                            f"v{SCHEMA_VERSION}; re-create the file")
+        return [row_from_dict(d, source=str(path)) for d in payload.get("rows", [])]
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != FIELD_NAMES:
+            raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
+                            f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
+        return [row_from_dict(d, source=str(path)) for d in reader]
+
+
+def append_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
+    """Add rows to a results file atomically (read, extend, rewrite), replacing rows with the same key."""
+    path = Path(path)
+    new = list(rows)
+    old = read_results(path) if path.exists() else []
+    new_keys = {r.key() for r in new}
+    return write_results(path, [r for r in old if r.key() not in new_keys] + new)
