@@ -296,8 +296,8 @@ class SyntheticImages(Dataset):
         return x.clamp_(0, 1), label
 
 
-@DATASETS.register("synthetic", takes_argument=True,
-                   help="seeded random images: synthetic:CxHxW:CLASSES:N (e.g. synthetic:3x32x32:10:512)")
+@DATASETS.register("synthetic", takes_argument=True, default_argument="3x32x32:10:512",
+                   help="seeded random images: synthetic:CxHxW:CLASSES:N (bare 'synthetic' = 3x32x32:10:512)")
 def build_synthetic(split: str, *, argument: str, **_: Any) -> tuple[Dataset, DatasetInfo]:
     try:
         shape_text, classes_text, size_text = argument.split(":")

@@ -62,9 +62,10 @@ class Registry(Generic[T]):
         key, sep, argument = name.partition(":")
         entry = self._entries.get(name) or self._entries.get(key)
         if entry is not None:
-            if entry.name == name:
+            if not entry.takes_argument and entry.name == name:
                 return entry, None
             if entry.takes_argument:
+                argument = argument or entry.meta.get("default_argument", "")
                 if not argument:
                     raise UserError(f"{self.concept} {key!r} needs an argument: use {key}:<value>")
                 return entry, argument

@@ -1,0 +1,359 @@
+"""Generalization Bound Regularizer (paper eq. 18): the mean over samples of ||d f(x) / d x||_F^2.
+
+x is the model input, images in [0, 1] (normalization lives inside the model), so the Jacobian is in pixel units.
+f is chosen from ``OUTPUTS``: ``logits`` (the paper's f, default), ``softmax``, ``true-prob`` (the theorem's A_s)
+or ``loss`` (per-example cross-entropy). Two ways to get each example's squared Frobenius norm:
+
+- ``exact``: the full Jacobian, one backward pass per output (measured fastest on CPU: 9.9 s for ResNet-20 x 1,000
+  images x 10 classes, against 10.9 s for batched vector-Jacobian products and 14.3 s for ``vmap(jacrev)``).
+- ``hutchinson``: ||J||_F^2 = E_v ||J^T v||^2 for Rademacher v (E[v v^T] = I), k probes per example: k backward
+  passes whatever the number of classes, so it is the one to use for 1,000 ImageNet classes.
+
+Per-example values never depend on batching in eval mode: each output is summed over the batch before the
+backward pass, and example i's output depends only on x_i, so the gradient w.r.t. x_i is that example's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_enc.errors import UserError
+from robust_enc.registry import Registry
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "exact", "hutchinson")
+
+# ------------------------------------------------------------------------------------------------ output functions
+# An output function maps (logits [B, C], labels [B] or None) to the outputs [B, K] whose input-Jacobian is measured.
+OutputFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+OUTPUTS: Registry[OutputFn] = Registry("gbr output")
+
+
+def _labels(y: torch.Tensor | None, name: str) -> torch.Tensor:
+    if y is None:
+        raise UserError(f"gbr output {name!r} needs the true labels; pass y (or use output 'logits')")
+    return y
+
+
+@OUTPUTS.register("logits", help="the logits vector: the paper's f in eq. 18 (default)")
+def logits_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return logits
+
+
+@OUTPUTS.register("softmax", help="the class-probability vector")
+def softmax_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return logits.softmax(dim=1)
+
+
+@OUTPUTS.register("true-prob", help="the probability of the true label: A_s in the paper's theorem")
+def true_prob_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return logits.softmax(dim=1).gather(1, _labels(y, "true-prob").view(-1, 1))
+
+
+@OUTPUTS.register("loss", help="per-example cross-entropy (reduction none: independent of the batch size)")
+def loss_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    # reduction="none": ART's loss_sensitivity follows a mean-reduced loss, so its values shrink as batches grow.
+    return F.cross_entropy(logits, _labels(y, "loss"), reduction="none").unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------------ per-example values
+@dataclass(frozen=True)
+class GBRResult:
+    """Eq. 18 on a sample set, with its uncertainty and the distribution of the per-example values."""
+
+    mean: float  # (1/n) sum_i ||d f(x_i) / d x_i||_F^2, in (output units / pixel)^2
+    stderr: float  # standard error of the mean (sample and, for hutchinson, probe noise); NaN when n = 1
+    ci_low: float  # 95% t-interval of the mean
+    ci_high: float
+    n: int  # examples measured
+    output: str  # OUTPUTS name
+    method: str  # "exact" or "hutchinson" (what ran; "auto" is resolved)
+    probes: int  # Rademacher probes per example; 0 for exact
+    median: float  # of the per-example values
+    p05: float
+    p95: float
+    min: float
+    max: float
+    wall_s: float  # seconds, data loading included
+
+    @property
+    def rel_stderr(self) -> float:
+        """stderr / mean: the relative error bar."""
+        return self.stderr / self.mean if self.mean > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_options(output: str, method: str, probes: int, max_exact_classes: int = 1) -> OutputFn:
+    fn = OUTPUTS.get(output)  # unknown names raise a UserError listing the known ones
+    if method not in METHODS:
+        raise UserError(f"unknown gbr method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise UserError(f"--probes must be an integer >= 1, got {probes!r}")
+    if max_exact_classes < 1:
+        raise UserError(f"max_exact_classes must be >= 1, got {max_exact_classes}")
+    return fn
+
+
+def _resolve_method(method: str, num_outputs: int, max_exact_classes: int) -> str:
+    if num_outputs == 1:
+        return "exact"  # one backward; a Rademacher probe of a scalar (v = +-1, v^2 = 1) would give the same number
+    if method == "auto":
+        return "exact" if num_outputs <= max_exact_classes else "hutchinson"
+    return method
+
+
+def draw_probes(batch: int, probes: int, num_outputs: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Rademacher probes [B, k, K] of +-1, drawn on the CPU in example order: a CPU generator gives example i the same
+    probes however the examples are batched (checked in the tests), so hutchinson values are batch-invariant too."""
+    bits = torch.randint(0, 2, (batch, probes, num_outputs), generator=generator, dtype=torch.int8)
+    return bits.float().mul_(2).sub_(1)
+
+
+def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, output_fn: OutputFn, method: str,
+                 probes: int, max_exact_classes: int, generator: torch.Generator | None) -> tuple[torch.Tensor, str]:
+    """Per-example squared Frobenius norms [B] (float64, on the CPU) and the method that ran."""
+    x = x.detach().requires_grad_(True)  # a new leaf: the caller's tensor is untouched
+    with torch.enable_grad():
+        out = output_fn(model(x), y)
+        if out.ndim != 2 or out.shape[0] != x.shape[0]:
+            raise UserError(f"the model's output has shape {tuple(out.shape)}; gbr needs [batch, classes]")
+        num_outputs = out.shape[1]
+        method = _resolve_method(method, num_outputs, max_exact_classes)
+        values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        if method == "exact":
+            # Row c of every example's Jacobian in one backward: sum over the batch of output c (see module doc).
+            for c in range(num_outputs):
+                (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c < num_outputs - 1,
+                                           materialize_grads=True)
+                values += g.flatten(1).double().pow(2).sum(1)
+        else:
+            v = draw_probes(x.shape[0], probes, num_outputs, generator).to(device=out.device, dtype=out.dtype)
+            for j in range(probes):
+                (g,) = torch.autograd.grad((out * v[:, j]).sum(), x, retain_graph=j < probes - 1,
+                                           materialize_grads=True)
+                values += g.flatten(1).double().pow(2).sum(1)
+            values /= probes  # each example's mean over its k probes: an unbiased estimate of its ||J||_F^2
+    return values.cpu(), method
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters with requires_grad off for the duration: no .grad left behind, and the backward passes skip the
+    weight gradients (faster). The original flags are restored, also on error."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def measuring(model: nn.Module, *, train_mode: bool = False) -> Iterator[None]:
+    """Eval (or train) mode and frozen parameters while measuring; mode, flags and buffers restored afterwards.
+
+    Buffers are restored because a train-mode forward updates BN running statistics: measuring must not change the
+    model."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if train_mode else {}
+    model.train(train_mode)
+    try:
+        with frozen_parameters(model):
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+
+
+def per_example_gbr(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, output: str = "logits",
+                    method: str = "exact", probes: int = 4, generator: torch.Generator | None = None,
+                    max_exact_classes: int = 100) -> torch.Tensor:
+    """||d f(x_i) / d x_i||_F^2 for each example of x [B, C, H, W] (pixel units): a float64 tensor [B] on the CPU.
+
+    Uses the model in its current mode (call ``model.eval()`` first for batch-independent values) on x's device;
+    parameters are frozen meanwhile, so no ``.grad`` is left. ``generator`` (a CPU generator) draws hutchinson probes.
+    """
+    fn = _check_options(output, method, probes, max_exact_classes)
+    with frozen_parameters(model):
+        return _per_example(model, x, y, fn, method, probes, max_exact_classes, generator)[0]
+
+
+def summarize(values: torch.Tensor, *, output: str, method: str, probes: int, wall_s: float) -> GBRResult:
+    """GBRResult from per-example values [n].
+
+    Why the standard error over examples is the whole error bar, probe noise included: with hutchinson each value is
+    e_i = g_i + noise_i, where g_i is example i's exact ||J||_F^2 and noise_i has mean 0 given x_i and is independent
+    across examples (fresh probes). The e_i are then i.i.d. draws whose mean is GBR and whose variance is
+    Var(g) + E[Var(noise)] (law of total variance), so the sample variance of the e_i estimates both sources together
+    and s / sqrt(n) is the standard error of their mean. For exact values the noise term is 0.
+    """
+    n = int(values.numel())
+    if n == 0:
+        raise UserError("gbr got no examples: the data set (or --subset) is empty, or every image was unreadable")
+    values = values.double()
+    mean = float(values.mean())
+    if n > 1:
+        from scipy.stats import t
+
+        stderr = float(values.std(unbiased=True)) / math.sqrt(n)
+        half = float(t.ppf(0.975, n - 1)) * stderr  # t-interval: honest for small n, ~1.96 stderr for large n
+    else:
+        stderr = half = math.nan
+    q = torch.quantile(values, torch.tensor([0.5, 0.05, 0.95], dtype=torch.float64))
+    return GBRResult(mean=mean, stderr=stderr, ci_low=mean - half, ci_high=mean + half, n=n, output=output,
+                     method=method, probes=probes if method == "hutchinson" else 0, median=float(q[0]),
+                     p05=float(q[1]), p95=float(q[2]), min=float(values.min()), max=float(values.max()),
+                     wall_s=wall_s)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
+                method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
+                train_mode: bool = False, seed: int = 0, max_exact_classes: int = 100,
+                return_values: bool = False) -> GBRResult | tuple[GBRResult, torch.Tensor]:
+    """Eq. 18 over ``batches`` of (x [B, C, H, W] in [0, 1], y [B] int64): mean, standard error, 95% CI and the
+    per-example distribution.
+
+    ``method``: ``exact`` (one backward per output), ``hutchinson`` (``probes`` Rademacher probes per example) or
+    ``auto`` (exact when the model has <= ``max_exact_classes`` outputs). The model is measured in eval mode (BN
+    folded, examples independent) unless ``train_mode``; its mode, requires_grad flags, buffers and device are
+    restored afterwards and no parameter ``.grad`` is written. ``device`` None = where the model already is.
+    ``return_values`` also returns the per-example values [n] (float64, CPU).
+    """
+    fn = _check_options(output, method, probes, max_exact_classes)
+    start = time.perf_counter()
+    original_device = _model_device(model)
+    device = torch.device(device) if device is not None else original_device
+    generator = torch.Generator().manual_seed(seed)  # CPU: probes independent of device and batching
+    chunks: list[torch.Tensor] = []
+    ran = method
+    try:
+        model.to(device)
+        with measuring(model, train_mode=train_mode):
+            for x, y in batches:
+                if len(x) == 0:  # a batch whose images were all unreadable
+                    continue
+                values, ran = _per_example(model, x.to(device), y.to(device) if y is not None else None, fn, method,
+                                           probes, max_exact_classes, generator)
+                chunks.append(values)
+    finally:
+        model.to(original_device)
+    values = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
+    result = summarize(values, output=output, method=ran, probes=probes, wall_s=time.perf_counter() - start)
+    log.info("gbr %s (%s): %.4g +- %.2g over %d examples in %.1f s", output, ran, result.mean, result.stderr,
+             result.n, result.wall_s)
+    return (result, values) if return_values else result
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from robust_enc.cli import add_data_arguments, add_device_argument
+
+    source = parser.add_argument_group("model")
+    source.add_argument("--checkpoint", default=None, help="run folder or robust-enc checkpoint file")
+    source.add_argument("--model", default=None, help="model registry name, with --weights (plain state dict)")
+    source.add_argument("--weights", default=None, help="plain torchvision/timm state dict file, with --model")
+    add_data_arguments(parser, default_dataset=None)  # default: the checkpoint's data set
+    parser.add_argument("--split", default="test", help="data set split (default: test)")
+    gbr = parser.add_argument_group("gbr")
+    gbr.add_argument("--output", default="logits", help=f"what f is: {', '.join(OUTPUTS.names())} (default: logits)")
+    gbr.add_argument("--method", default="auto", help="auto (exact up to --max-exact-classes outputs), exact or "
+                                                      "hutchinson (random projections)")
+    gbr.add_argument("--probes", type=int, default=4, help="Rademacher probes per example for hutchinson")
+    gbr.add_argument("--max-exact-classes", type=int, default=100, help="auto uses exact up to this many outputs")
+    gbr.add_argument("--train-mode", action="store_true", help="measure in train mode (BN batch statistics)")
+    gbr.add_argument("--seed", type=int, default=0, help="seed of the hutchinson probes")
+    add_device_argument(parser)
+    parser.add_argument("--json", default=None, help="also write the result (and its provenance) to this JSON file")
+
+
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], Any, str]:
+    """(model, provenance, ModelSpec, dataset name) from --checkpoint or --model/--weights."""
+    from robust_enc.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if args.checkpoint and (args.model or args.weights):
+        raise UserError("give either --checkpoint or --model with --weights, not both")
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        dataset = args.dataset or (ckpt.dataset_info.name if ckpt.dataset_info else None)
+        if not dataset:
+            raise UserError(f"checkpoint {ckpt.path} records no data set: pass --dataset")
+        provenance = {"run_id": ckpt.run_id, "checkpoint": ckpt.path, "checkpoint_hash": ckpt.content_hash,
+                      "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer}
+        return model_from_checkpoint(ckpt), provenance, ckpt.spec, dataset
+    if not (args.model and args.weights):
+        raise UserError("say which model: --checkpoint RUN_OR_FILE, or --model NAME with --weights PATH")
+    if not args.dataset:
+        raise UserError("--model/--weights needs --dataset (the model is built for that data set's classes and size)")
+    return None, {"run_id": args.weights, "model": args.model, "regularizer": "baseline"}, None, args.dataset
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from robust_enc.checkpoint import load_plain_weights, state_hash
+    from robust_enc.cli import resolve_device
+    from robust_enc.data import build_dataset, build_loader
+    from robust_enc.io import write_text_atomic
+    from robust_enc.models import ModelSpec
+    from robust_enc.results import library_versions
+
+    _check_options(args.output, args.method, args.probes, args.max_exact_classes)  # fail before loading anything
+    device = resolve_device(args.device)
+    model, provenance, spec, dataset_name = _load_model(args)
+    image_size = spec.input_shape[-1] if spec is not None else None  # folder/ImageNet data: the checkpoint's size
+    dataset, info = build_dataset(dataset_name, args.split, data_dir=args.data_dir, download=args.download,
+                                  subset=args.subset, image_size=image_size)
+    if spec is None:
+        spec = ModelSpec(args.model, info.num_classes, info.input_shape, info.mean, info.std)
+        model = load_plain_weights(spec, args.weights)
+        provenance["checkpoint_hash"] = state_hash(model.state_dict())
+    elif (spec.num_classes, tuple(spec.input_shape)) != (info.num_classes, tuple(info.input_shape)):
+        raise UserError(f"the checkpoint's model takes {spec.num_classes} classes x {tuple(spec.input_shape)} inputs, "
+                        f"data set {info.name} has {info.num_classes} classes x {tuple(info.input_shape)}; "
+                        "pass the --dataset it was trained on")
+    loader = build_loader(dataset, batch_size=args.batch_size, workers=args.workers)
+    result = measure_gbr(model, loader, output=args.output, method=args.method, probes=args.probes, device=device,
+                         train_mode=args.train_mode, seed=args.seed, max_exact_classes=args.max_exact_classes)
+
+    console = Console()
+    probes = f", {result.probes} probes" if result.method == "hutchinson" else ""
+    console.print(f"[bold]GBR[/bold] ({result.output}, {result.method}{probes}, "
+                  f"{'train' if args.train_mode else 'eval'} mode) of {provenance['run_id']} on {info.name}/"
+                  f"{info.split}: [bold]{result.mean:.6g}[/bold] ± {result.stderr:.3g} (stderr)")
+    console.print(f"  95% CI [{result.ci_low:.6g}, {result.ci_high:.6g}], n = {result.n}; per sample median "
+                  f"{result.median:.4g}, p05 {result.p05:.4g}, p95 {result.p95:.4g}; {result.wall_s:.1f} s")
+    if args.json:
+        payload = {**provenance, "dataset": info.name, "split": info.split, "subset": args.subset,
+                   "train_mode": args.train_mode, "seed": args.seed, "device": str(device),
+                   **result.to_dict(), **library_versions()}
+        payload = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
+        write_text_atomic(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        console.print(f"  wrote {args.json}")
+    return 0
