@@ -1,0 +1,42 @@
+"""``robust-enc report RESULTS... [--out DIR] [--format md,csv,json,latex,html] [--baseline NAME] [--attack NAME]
+[--eps EPS ...]``: the Table 3 view, leaderboard, GBR correlation and plots from results files and run folders."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from robust_enc.reports import DEFAULT_FORMATS, TABLES, check_formats, make_report, write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                        help="results files (.csv/.json) and/or run folders; a folder of run folders is searched "
+                             "recursively; files from several machines are merged (exact duplicates collapse)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: ./report)")
+    parser.add_argument("--format", default=",".join(DEFAULT_FORMATS),
+                        help="comma-separated table formats: md, csv, json, latex, html (default: %(default)s)")
+    parser.add_argument("--baseline", default=None,
+                        help="run id or regularizer of the row the differences refer to (default: the row whose "
+                             "regularizer is 'baseline')")
+    parser.add_argument("--attack", default=None,
+                        help="only this attack in the tables, and the leaderboard's attack (default: worst, else "
+                             "pgd, else fgsm)")
+    parser.add_argument("--eps", nargs="+", default=None, metavar="EPS",
+                        help="only these eps, floats in pixel units or k/255 (e.g. 2/255 8/255); the leaderboard "
+                             "uses the largest")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from robust_enc.reports.render import rich_table
+
+    formats = check_formats(args.format.split(","))  # a typo fails before anything is read
+    eps = [part for item in args.eps for part in item.split(",") if part.strip()] if args.eps else None
+    report = make_report(args.results, baseline=args.baseline, attack=args.attack, eps=eps, link_base=args.out)
+    written = write_report(report, args.out, formats)
+    console = Console()
+    console.print(rich_table(report.tables["table3"], "table3", TABLES["table3"]))
+    console.print(f"report written to {args.out} ({len(written)} files): {written['index.md']}", soft_wrap=True)
+    return 0

@@ -1,0 +1,282 @@
+"""Renderers for the report tables: Markdown (GitHub), CSV, JSON, LaTeX, HTML and a rich table for the terminal.
+
+CSV and JSON get the numeric tables as they are (fractions, pixel-unit eps, NaN -> empty / null). Markdown, LaTeX,
+HTML and rich get a display view: percent with two decimals, "29.87 (+12.33)" differences to the baseline,
+"mean ± std" over seeds, eps as "8/255". Each table kind ("table3", "leaderboard", "correlation") registers its view
+in ``VIEWS``; each output format registers in ``FORMATS`` with its file suffix.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from robust_enc.registry import Registry
+from robust_enc.reports.tables import threat_columns
+
+MISSING = "—"
+ATTACK_LABELS = {"none": "clean", "fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR",
+                 "square": "Square", "worst": "worst case"}
+NORM_LABELS = {"linf": "L∞", "l2": "L2", "none": ""}
+WEIGHT_NORM = "Σ‖W‖²"  # sum over conv/linear layers of ||W||_F^2
+# Unicode the display views use, as LaTeX (applied after escaping, so the "$" survive).
+LATEX_SYMBOLS = {WEIGHT_NORM: r"$\sum\|W\|_F^2$", "±": r"$\pm$", "∞": r"$\infty$", "ρ": r"$\rho$", MISSING: "--"}
+
+View = Callable[[pd.DataFrame, str], pd.DataFrame]  # (numeric table, format) -> table of strings
+VIEWS: Registry[View] = Registry("report table")
+FORMATS: Registry[Callable[..., str]] = Registry("report format")
+
+
+# ------------------------------------------------------------------ cell formatting
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def format_percent(fraction: float) -> str:
+    return MISSING if _missing(fraction) else f"{fraction * 100:.2f}"
+
+
+def format_delta(fraction: float) -> str:
+    """A difference of fractions as signed percentage points, the paper's "+12.33"."""
+    return f"{fraction * 100:+.2f}"
+
+
+def format_eps(eps: float, norm: str = "linf") -> str:
+    """Linf eps that are multiples of 1/255 as "k/255" (the convention for 8-bit images), else 4 significant digits."""
+    k = eps * 255
+    if norm == "linf" and eps > 0 and abs(k - round(k)) < 1e-4:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"
+
+
+def format_number(value: float, like: float | None = None) -> str:
+    """About 4 significant digits without exponents for everyday magnitudes: 2712, 31.42, 0.5123. With ``like``
+    (an error bar's value) the decimals follow ``like``: "2712 ± 31", "31.42 ± 1.00"."""
+    if _missing(value):
+        return MISSING
+    magnitude = abs(value if like is None or _missing(like) else like)
+    if magnitude == 0 or 1e-3 <= magnitude < 1e9:
+        decimals = 0 if magnitude == 0 else max(0, 3 - math.floor(math.log10(magnitude)))
+        return f"{value:.{decimals}f}"
+    return f"{value:.3g}"
+
+
+def format_r(value: float) -> str:
+    return MISSING if _missing(value) else f"{value:+.3f}"
+
+
+def format_p(value: float) -> str:
+    return MISSING if _missing(value) else f"{value:.2g}"
+
+
+def attack_label(attack: str, norm: str) -> str:
+    """"FGSM L∞"; attacks with a step count keep it: "PGD-50 L∞"."""
+    base, _, steps = attack.rpartition("-") if re.search(r"-\d+$", attack) else (attack, "", "")
+    name = ATTACK_LABELS.get(base, base) + (f"-{steps}" if steps else "")
+    return f"{name} {NORM_LABELS.get(norm, norm)}".strip()
+
+
+def threat_label(attack: str, norm: str, eps: float) -> str:
+    """"FGSM L∞ 8/255"."""
+    return f"{attack_label(attack, norm)} {format_eps(eps, norm)}"
+
+
+@functools.lru_cache(maxsize=256)
+def short_regularizer(spec: str) -> str:
+    """The regularizer's run name ("enc+cutmix+ls", non-default settings shown) when the regularizer registry can
+    read the spec, else the spec as written."""
+    try:
+        from robust_enc.train.regularizers import run_name
+
+        return run_name(spec)
+    except Exception:  # noqa: BLE001 - display only: an unknown or older spec is shown verbatim
+        return spec
+
+
+def _cell(value: float, std: float = math.nan, delta: float = math.nan, *, fmt=format_percent) -> str:
+    """"29.87", "29.87 ± 0.41", "29.87 (+12.33)" or "29.87 ± 0.41 (+12.33)"."""
+    if _missing(value):
+        return MISSING
+    text = fmt(value)
+    if not _missing(std):
+        text += f" ± {fmt(std, value) if fmt is format_number else fmt(std)}"
+    if not _missing(delta):
+        text += f" ({format_delta(delta)})"
+    return text
+
+
+def _link(path: str, fmt: str) -> str:
+    if not path:
+        return MISSING
+    return f"[card]({path})" if fmt == "md" else path
+
+
+# ------------------------------------------------------------------ display views
+@VIEWS.register("table3", help="clean / adversarial top-1 per model + regularizer, GBR, weight norms")
+def view_table3(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
+    out = pd.DataFrame(index=table.index)
+    out["Model"] = table["model"]
+    out["Regularizer"] = [short_regularizer(r) + (" (baseline)" if b and r != "baseline" else "")
+                          for r, b in zip(table["regularizer"], table.get("is_baseline", [False] * len(table)))]
+    if table["dataset"].nunique() > 1:
+        out["Data set"] = table["dataset"]
+    if "n_seeds" in table and (table["n_seeds"] > 1).any():
+        out["Seeds"] = table["n_seeds"].astype(int).astype(str)
+
+    def get(name: str) -> pd.Series:
+        return table[name] if name in table else pd.Series(math.nan, index=table.index)
+
+    # The baseline row shows no difference to itself (as in the paper).
+    own = table["is_baseline"] if "is_baseline" in table else pd.Series(False, index=table.index)
+    for name, header in [("clean_top1", "Clean top-1 (%)")] + [
+            (c, f"{threat_label(*t)} (%)") for c, t in threat_columns(table)]:
+        out[header] = [_cell(v, s, math.nan if b else d)
+                       for v, s, d, b in zip(table[name], get(f"{name}:std"), get(f"{name}:delta"), own)]
+    # Error bar of GBR: the spread over seeds when there are several, else the estimator's standard error.
+    out["GBR"] = [_cell(g, s if not _missing(s) else e, fmt=format_number)
+                  for g, s, e in zip(table["gbr"], get("gbr:std"), get("gbr_stderr"))]
+    out[WEIGHT_NORM] = [_cell(w, s, fmt=format_number)
+                        for w, s in zip(table["weight_sq_norm"], get("weight_sq_norm:std"))]
+    return out.reset_index(drop=True)
+
+
+@VIEWS.register("leaderboard", help="models ranked by adversarial top-1 at one threat")
+def view_leaderboard(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
+    out = pd.DataFrame(index=table.index)
+    out["Rank"] = table["rank"].astype(str)
+    out["Run"] = table["run_id"]
+    out["Model"] = table["model"]
+    out["Regularizer"] = [short_regularizer(r) for r in table["regularizer"]]
+    out["Data set"] = table["dataset"]
+    out["Threat"] = [threat_label(a, n, e) for a, n, e in zip(table["attack"], table["norm"], table["eps"])]
+    out["n"] = table["n"].astype(str)
+    out["Clean (%)"] = [format_percent(v) for v in table["clean_top1"]]
+    out["Robust (%)"] = [format_percent(v) for v in table["adv_top1"]]
+    out["GBR"] = [format_number(v) for v in table["gbr"]]
+    out["Checkpoint"] = [h or MISSING for h in table["checkpoint_hash"]]
+    out["Card"] = [_link(p, fmt) for p in table["model_card"]]
+    return out.reset_index(drop=True)
+
+
+def _target_label(y: str, attack: str, norm: str, eps: float) -> str:
+    names = {"clean_top1": "clean top-1", "gen_gap": "generalization gap (train - clean top-1)",
+             "weight_sq_norm": WEIGHT_NORM}
+    return names.get(y) or f"{threat_label(attack, norm, eps)} top-1"
+
+
+@VIEWS.register("correlation", help="Pearson / Spearman correlation of GBR with accuracy and the generalization gap")
+def view_correlation(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
+    out = pd.DataFrame(index=table.index)
+    if table["dataset"].nunique() > 1:
+        out["Data set"] = table["dataset"]
+    out["GBR vs"] = [_target_label(y, a, n, e) for y, a, n, e in
+                     zip(table["y"], table["attack"], table["norm"], table["eps"])]
+    out["n"] = table["n"].astype(str)
+    out["Pearson r"] = [format_r(v) for v in table["pearson_r"]]
+    out["Pearson p"] = [format_p(v) for v in table["pearson_p"]]
+    out["Spearman ρ"] = [format_r(v) for v in table["spearman_rho"]]
+    out["Spearman p"] = [format_p(v) for v in table["spearman_p"]]
+    out["Note"] = [n or "" for n in table["note"]]
+    return out.reset_index(drop=True)
+
+
+def display_table(table: pd.DataFrame, kind: str, fmt: str = "md") -> pd.DataFrame:
+    """The string view of a numeric report table."""
+    return VIEWS.get(kind)(table, fmt)
+
+
+# ------------------------------------------------------------------ formats
+_NUMERIC_CELL = re.compile(r"^[+-]?[\d.]")
+
+
+def _right_aligned(view: pd.DataFrame) -> list[bool]:
+    return [bool(len(cells := [c for c in view[col] if c not in (MISSING, "")]))
+            and all(_NUMERIC_CELL.match(c) for c in cells) for col in view.columns]
+
+
+def markdown_table(view: pd.DataFrame) -> str:
+    """A GitHub table; numeric columns right-aligned."""
+    def escape(text: Any) -> str:
+        return str(text).replace("|", r"\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(escape(c) for c in view.columns) + " |",
+             "|" + "|".join("---:" if right else "---" for right in _right_aligned(view)) + "|"]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in view.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+@FORMATS.register("md", help="GitHub Markdown table", suffix="md")
+def render_markdown(table: pd.DataFrame, kind: str, title: str = "") -> str:
+    if table.empty:
+        return "_(no rows)_\n"
+    return markdown_table(display_table(table, kind, "md"))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    return None if _missing(value) else value
+
+
+@FORMATS.register("csv", help="numeric table: fractions, pixel-unit eps (for pandas, spreadsheets)", suffix="csv")
+def render_csv(table: pd.DataFrame, kind: str, title: str = "") -> str:
+    return table.to_csv(index=False, lineterminator="\n")
+
+
+@FORMATS.register("json", help="numeric table with its notes; NaN as null", suffix="json")
+def render_json(table: pd.DataFrame, kind: str, title: str = "") -> str:
+    payload = {"schema": "robust-enc/report", "version": 1, "table": kind,
+               "notes": list(table.attrs.get("notes", [])),
+               "rows": [{str(k): _jsonable(v) for k, v in record.items()} for record in table.to_dict("records")]}
+    if "threat" in table.attrs:
+        payload["threat"] = {k: _jsonable(v) for k, v in table.attrs["threat"].items()}
+    return json.dumps(payload, indent=1, allow_nan=False) + "\n"
+
+
+@FORMATS.register("latex", help="booktabs tabular (pandas Styler.to_latex)", suffix="tex")
+def render_latex(table: pd.DataFrame, kind: str, title: str = "") -> str:
+    view = display_table(table, kind, "latex")
+    styler = view.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    align = "".join("r" if right else "l" for right in _right_aligned(view)) or "l"
+    text = styler.to_latex(hrules=True, column_format=align)
+    for symbol, latex in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
+
+
+@FORMATS.register("html", help="standalone HTML page with the table", suffix="html")
+def render_html(table: pd.DataFrame, kind: str, title: str = "") -> str:
+    view = display_table(table, kind, "html")
+    body = view.to_html(index=False, border=0, escape=True)
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title or kind)}</title>"
+            "<style>table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}</style></head>\n"
+            f"<body>\n<h2>{html.escape(title or kind)}</h2>\n{body}\n</body></html>\n")
+
+
+def render_table(table: pd.DataFrame, kind: str, fmt: str, title: str = "") -> str:
+    return FORMATS.get(fmt)(table, kind, title)
+
+
+def format_suffix(fmt: str) -> str:
+    return FORMATS.lookup(fmt)[0].meta["suffix"]
+
+
+def rich_table(table: pd.DataFrame, kind: str, title: str = "") -> "rich.table.Table":  # noqa: F821
+    """The display view as a rich Table for the terminal."""
+    from rich.table import Table
+
+    view = display_table(table, kind, "rich") if not table.empty else pd.DataFrame()
+    out = Table(title=title or kind)
+    for name, right in zip(view.columns, _right_aligned(view)):
+        out.add_column(str(name), justify="right" if right else "left")
+    for row in view.itertuples(index=False):
+        out.add_row(*(str(c) for c in row))
+    return out
+

@@ -1,0 +1,424 @@
+"""Pure DataFrame -> DataFrame pivots behind the report: the Table 3 view, the leaderboard and the GBR correlation.
+
+Input is the results frame (one row per ``ResultRow``, columns ``FIELD_NAMES``; see ``results_frame``). Outputs keep
+numbers as numbers: accuracies are fractions, eps is in [0, 1] pixel units, differences are fractions too. Only
+``render`` turns them into percent and "8/255". Messages for the reader (no baseline, too few models) are logged and
+kept in ``table.attrs["notes"]``; nothing here reads or writes files.
+
+Adversarial columns are named ``adv:<attack>:<norm>:<eps>`` with the exact float (``Threat.column``), plus
+``<column>:std`` (over seeds, only when some row has several) and ``<column>:delta`` (minus the baseline row).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from robust_enc.errors import UserError
+from robust_enc.results import FIELD_NAMES, ResultRow
+
+log = logging.getLogger(__name__)
+
+CLEAN = "none"  # the attack name of the clean row (eps 0)
+BASELINE = "baseline"  # the regularizer spec of the plain weight-decay run
+# Default leaderboard attack, strongest first (the per-example worst case, as RobustBench ranks by AutoAttack).
+STRONGEST_FIRST = ("worst", "pgd", "fgsm")
+# Column order, weakest to strongest; attacks not listed follow alphabetically.
+ATTACK_ORDER = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "worst")
+NORM_ORDER = ("linf", "l2")
+EPS_TOL = 1e-6  # "8/255" typed on the CLI vs 0.0313725490196078 read back from a CSV
+SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_=]?\d+$")  # "resnet20-enc-seed1", "resnet20-enc_s2"
+GROUP = ["dataset", "model", "regularizer"]  # one Table 3 row; its runs are the seeds
+REPLICATE = [*GROUP, "run_id", "checkpoint_hash"]  # one trained model
+RUN_VALUES = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # properties of the weights, not of an attack
+
+
+class Threat(NamedTuple):
+    attack: str  # attack name, with "-<steps>" appended when the results hold several step counts for it
+    norm: str
+    eps: float  # pixel units
+
+    @property
+    def column(self) -> str:
+        return f"adv:{self.attack}:{self.norm}:{self.eps!r}"
+
+
+def parse_threat_column(name: str) -> Threat | None:
+    """The threat of an ``adv:<attack>:<norm>:<eps>`` column; None for any other column (``:std``, ``:delta``...)."""
+    parts = name.split(":")
+    if len(parts) != 4 or parts[0] != "adv":
+        return None
+    return Threat(parts[1], parts[2], float(parts[3]))
+
+
+def threat_columns(table: pd.DataFrame) -> list[tuple[str, Threat]]:
+    return [(c, t) for c in table.columns if (t := parse_threat_column(str(c))) is not None]
+
+
+def _notes(table: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    table.attrs["notes"] = list(notes)
+    return table
+
+
+def results_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
+    """One row per ResultRow, the schema's columns in order (also for no rows)."""
+    return pd.DataFrame([r.to_dict() for r in rows], columns=FIELD_NAMES)
+
+
+def _attack_order(attack: str) -> tuple:
+    base, _, steps = attack.rpartition("-") if re.search(r"-\d+$", attack) else (attack, "", "0")
+    rank = ATTACK_ORDER.index(base) if base in ATTACK_ORDER else len(ATTACK_ORDER)
+    return (rank, base, int(steps))
+
+
+def _threat_order(threat: Threat) -> tuple:
+    norm_rank = NORM_ORDER.index(threat.norm) if threat.norm in NORM_ORDER else len(NORM_ORDER)
+    return (*_attack_order(threat.attack), norm_rank, threat.norm, threat.eps)
+
+
+def _label_threats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``_attack`` (attack, or attack-steps where one attack ran with several step counts, e.g. PGD-10 and
+    PGD-50) and ``_eps`` (one canonical float per eps, so 8/255 from two machines lands in one column)."""
+    adv = frame[frame["attack"] != CLEAN]
+    step_counts = adv.groupby(["attack", "norm"])["steps"].nunique()
+    several = {key for key, count in step_counts.items() if count > 1}
+    attack = [f"{a}-{s}" if (a, n) in several else a for a, n, s in zip(frame["attack"], frame["norm"], frame["steps"])]
+    eps_key = frame["eps"].astype(float).round(9)
+    canonical = frame["eps"].astype(float).groupby(eps_key).first()
+    return frame.assign(_attack=attack, _eps=eps_key.map(canonical).astype(float))
+
+
+def _prefer(first: pd.Series, fallback: pd.Series) -> float:
+    """Mean of the non-NaN values of ``first``, else of ``fallback``, else NaN."""
+    for series in (first, fallback):
+        values = series.astype(float).dropna()
+        if len(values):
+            return float(values.mean())
+    return math.nan
+
+
+def replicates(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per trained model (run id + checkpoint hash + data set): clean top-1, GBR, weight norm, train top-1,
+    generalization gap and one ``adv:...`` column per threat (mean over repeated rows, e.g. attack seeds)."""
+    frame = _label_threats(frame)
+    records = []
+    for key, rows in frame.groupby(REPLICATE, sort=False):
+        clean = rows[rows["attack"] == CLEAN]
+        record = dict(zip(REPLICATE, key))
+        record["clean_top1"] = _prefer(clean["clean_top1"], rows["clean_top1"])
+        record["n_clean"] = int(clean["n"].max()) if len(clean) else int(rows["n"].max())
+        for name in RUN_VALUES:
+            record[name] = _prefer(clean[name], rows[name])
+        record["gen_gap"] = record["train_top1"] - record["clean_top1"]  # train minus test accuracy
+        adv = rows[rows["attack"] != CLEAN]
+        for (attack, norm, eps), cell in adv.groupby(["_attack", "norm", "_eps"], sort=False):
+            column = Threat(attack, norm, float(eps)).column
+            record[column] = float(cell["adv_top1"].astype(float).mean())
+            record[f"n:{column}"] = int(cell["n"].max())
+        records.append(record)
+    if not records:
+        return pd.DataFrame(columns=[*REPLICATE, "clean_top1", "n_clean", *RUN_VALUES, "gen_gap"])
+    table = pd.DataFrame(records)
+    threats = sorted({t for _, t in threat_columns(table)}, key=_threat_order)
+    front = [c for c in table.columns if not c.startswith(("adv:", "n:adv:"))]
+    return table[front + [t.column for t in threats] + [f"n:{t.column}" for t in threats]]
+
+
+def _group_label(rows: pd.DataFrame) -> tuple[str, str | None]:
+    """A row's name: the run id, or the shared run id without its seed suffix; plus a note when the seeds' run ids
+    differ by more than a seed suffix (they are still grouped: same model, regularizer and data set)."""
+    run_ids = list(dict.fromkeys(rows["run_id"]))
+    if len(run_ids) == 1:
+        return run_ids[0], None
+    stems = {SEED_SUFFIX.sub("", r) for r in run_ids}
+    if len(stems) == 1:
+        return stems.pop(), None
+    model, regularizer, dataset = rows["model"].iloc[0], rows["regularizer"].iloc[0], rows["dataset"].iloc[0]
+    note = (f"runs {', '.join(run_ids)} are grouped as seeds of {model} + {regularizer} on {dataset} "
+            "(same model, regularizer and data set)")
+    return f"{model}/{regularizer}", note
+
+
+def _matches(group: pd.Series, name: str) -> bool:
+    return name in (group["label"], group["regularizer"]) or name in group["run_ids"].split(";")
+
+
+def _choose_baselines(groups: pd.DataFrame, baseline: str | None, notes: list[str]) -> list[int | None]:
+    """For each row, the position of its baseline row: one that --baseline names (run id, label or regularizer),
+    else the one whose regularizer is "baseline"; same model and data set first, else same data set."""
+    candidates = [i for i in range(len(groups))
+                  if (_matches(groups.iloc[i], baseline) if baseline else groups.iloc[i]["regularizer"] == BASELINE)]
+    if baseline and not candidates:
+        raise UserError(f"--baseline {baseline!r} names no run id or regularizer in the results; run ids: "
+                        f"{', '.join(groups['run_ids'].str.split(';').explode().unique()[:12])}; regularizers: "
+                        f"{', '.join(groups['regularizer'].unique()[:12])}")
+    if not candidates:
+        notes.append(f"no baseline row (no regularizer {BASELINE!r}): differences left out; "
+                     "pass --baseline RUN_ID or --baseline REGULARIZER")
+        return [None] * len(groups)
+    chosen: list[int | None] = []
+    missing = set()
+    for i in range(len(groups)):
+        row = groups.iloc[i]
+        same_data = [c for c in candidates if groups.iloc[c]["dataset"] == row["dataset"]]
+        same_model = [c for c in same_data if groups.iloc[c]["model"] == row["model"]]
+        pick = same_model if same_model else same_data
+        if len(pick) > 1 and baseline:
+            raise UserError(f"--baseline {baseline!r} matches several rows for {row['model']} on {row['dataset']} "
+                            f"({', '.join(groups.iloc[pick]['label'])}); give one run id")
+        if len(pick) != 1:
+            missing.add(row["dataset"])
+        chosen.append(pick[0] if len(pick) == 1 else None)
+    if missing:
+        notes.append(f"no single baseline row for data set(s) {', '.join(sorted(missing))}: their differences are "
+                     "left out; pass --baseline RUN_ID")
+    return chosen
+
+
+def table3(frame: pd.DataFrame, *, baseline: str | None = None) -> pd.DataFrame:
+    """The paper's Table 3 view: one row per model + regularizer + data set (its runs are seeds: mean, ``:std`` and
+    ``n_seeds``), clean top-1, adversarial top-1 per threat, differences to the baseline row (``:delta``), GBR with
+    its error bar and the summed squared weight norms. Fractions throughout."""
+    notes: list[str] = []
+    reps = replicates(frame)
+    threats = [c for c, _ in threat_columns(reps)]
+    values = ["clean_top1", *threats, "gbr", "weight_sq_norm", "train_top1", "gen_gap"]
+    records = []
+    for _, rows in reps.groupby(GROUP, sort=False):
+        label, note = _group_label(rows)
+        if note:
+            notes.append(note)
+        record = {"label": label, **{k: rows[k].iloc[0] for k in GROUP}, "n_seeds": len(rows),
+                  "run_ids": ";".join(dict.fromkeys(rows["run_id"])),
+                  "checkpoint_hashes": ";".join(h for h in dict.fromkeys(rows["checkpoint_hash"]) if h)}
+        for name in values:
+            column = rows[name].astype(float)
+            record[name] = float(column.mean())  # NaN when no seed has it
+            record[f"{name}:std"] = float(column.std(ddof=1)) if column.count() > 1 else math.nan
+        record["gbr_stderr"] = float(rows["gbr_stderr"].astype(float).mean())  # one seed: the estimator's error bar
+        records.append(record)
+    if not records:
+        empty = pd.DataFrame(columns=["label", *GROUP, "n_seeds", "run_ids", "clean_top1", "gbr", "weight_sq_norm"])
+        notes.append("no result rows: Table 3 is empty")
+        log.warning(notes[-1])
+        return _notes(empty, notes)
+    groups = pd.DataFrame(records)
+    _deduplicate_labels(groups)
+
+    chosen = _choose_baselines(groups, baseline, notes)
+    groups["is_baseline"] = [c == i for i, c in enumerate(chosen)]
+    groups["baseline"] = [groups["label"].iloc[c] if c is not None else "" for c in chosen]
+    compared = ["clean_top1", *threats]
+    if any(c is not None for c in chosen):
+        for name in compared:
+            base = [groups[name].iloc[c] if c is not None else math.nan for c in chosen]
+            groups[f"{name}:delta"] = groups[name] - np.asarray(base, dtype=float)
+
+    # Baselines first within their data set, then the order the runs appeared in.
+    groups["_order"] = range(len(groups))
+    groups = groups.sort_values(["dataset", "is_baseline", "_order"], ascending=[True, False, True], kind="stable")
+    several_seeds = bool((groups["n_seeds"] > 1).any())
+    columns = ["label", *GROUP, "n_seeds", "run_ids", "checkpoint_hashes", "is_baseline", "baseline"]
+    for name in values:
+        columns.append(name)
+        if several_seeds:
+            columns.append(f"{name}:std")
+        if f"{name}:delta" in groups:
+            columns.append(f"{name}:delta")
+        if name == "gbr":
+            columns.append("gbr_stderr")
+    for note in notes:
+        log.warning(note)
+    return _notes(groups[columns].reset_index(drop=True), notes)
+
+
+def _deduplicate_labels(groups: pd.DataFrame) -> None:
+    """Labels name rows in notes, --baseline and plots: make them unique (a run id reused on two data sets)."""
+    labels = list(groups["label"])
+    labels = [f"{label}@{dataset}" if labels.count(label) > 1 else label
+              for label, dataset in zip(labels, groups["dataset"])]
+    groups["label"] = [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+def _attack_matches(label: str, attack: str) -> bool:
+    return re.fullmatch(rf"{re.escape(attack)}(-\d+)?", label) is not None
+
+
+def _eps_text(values: Iterable[float]) -> str:
+    return ", ".join(f"{e:.6g} ({e * 255:.3g}/255)" for e in sorted(set(values)))
+
+
+def select_threats(table: pd.DataFrame, *, attack: str | None = None,
+                   eps: Sequence[float] | None = None) -> pd.DataFrame:
+    """Keep only the adversarial columns of one attack and/or some eps (with their :std/:delta columns). Asking for
+    an attack or eps the table lacks raises a UserError listing what it has."""
+    threats = threat_columns(table)
+    keep = threats
+    if attack is not None:
+        keep = [(c, t) for c, t in keep if _attack_matches(t.attack, attack)]
+        if not keep:
+            known = sorted({t.attack for _, t in threats}, key=_attack_order)
+            raise UserError(f"--attack {attack!r}: no results for it; attacks in the results: "
+                            f"{', '.join(known) or 'none'}")
+    if eps is not None:
+        wanted = [float(e) for e in eps]
+        missing = [e for e in wanted if not any(abs(t.eps - e) <= EPS_TOL for _, t in keep)]
+        if missing:
+            raise UserError(f"--eps {_eps_text(missing)}: no results at that eps; available: "
+                            f"{_eps_text(t.eps for _, t in keep) or 'none'}")
+        keep = [(c, t) for c, t in keep if any(abs(t.eps - e) <= EPS_TOL for e in wanted)]
+    dropped = {c for c, _ in threats} - {c for c, _ in keep}
+    columns = [c for c in table.columns if str(c).split(":std")[0].split(":delta")[0] not in dropped]
+    return _notes(table[columns].copy(), table.attrs.get("notes", []))
+
+
+def choose_threat(frame: pd.DataFrame, *, attack: str | None = None,
+                  eps: Sequence[float] | None = None) -> Threat | None:
+    """The leaderboard's threat: the given attack, else the strongest present ("worst", else pgd, else fgsm, else the
+    attack with the lowest mean accuracy); linf when it has linf rows; the largest (given) eps. None without attacks."""
+    adv = _label_threats(frame[frame["attack"] != CLEAN])
+    if adv.empty:
+        if attack is not None:
+            raise UserError(f"--attack {attack!r}: the results hold no adversarial rows")
+        return None
+    labels = sorted(adv["_attack"].unique(), key=_attack_order)
+    if attack is not None:
+        matching = [a for a in labels if _attack_matches(a, attack)]
+        if not matching:
+            raise UserError(f"--attack {attack!r}: no results for it; attacks in the results: {', '.join(labels)}")
+        chosen = matching[-1]  # the most steps
+    else:
+        chosen = next((a for name in STRONGEST_FIRST for a in reversed(labels) if _attack_matches(a, name)), None)
+        if chosen is None:
+            chosen = str(adv.groupby("_attack")["adv_top1"].mean().idxmin())
+    rows = adv[adv["_attack"] == chosen]
+    norms = sorted(rows["norm"].unique(), key=lambda n: (NORM_ORDER.index(n) if n in NORM_ORDER else 9, n))
+    rows = rows[rows["norm"] == norms[0]]
+    available = sorted(rows["_eps"].unique())
+    if eps:
+        present = [e for e in available if any(abs(e - float(w)) <= EPS_TOL for w in eps)]
+        if not present:
+            raise UserError(f"--eps {_eps_text(float(e) for e in eps)}: no {chosen} {norms[0]} results there; "
+                            f"available: {_eps_text(available)}")
+        available = present
+    return Threat(chosen, norms[0], float(max(available)))
+
+
+def leaderboard(frame: pd.DataFrame, runs: pd.DataFrame | None = None, *, attack: str | None = None,
+                eps: Sequence[float] | None = None) -> pd.DataFrame:
+    """RobustBench-style ranking of trained models by adversarial top-1 at one threat (see ``choose_threat``), per
+    data set. ``runs`` (columns run_id, checkpoint_hash, model_card) supplies the link to each model card."""
+    notes: list[str] = []
+    columns = ["dataset", "rank", "run_id", "model", "regularizer", "attack", "norm", "eps", "n", "clean_top1",
+               "adv_top1", "gbr", "checkpoint_hash", "model_card"]
+    threat = choose_threat(frame, attack=attack, eps=eps)
+    if threat is None:
+        notes.append("no adversarial rows: the leaderboard is empty")
+        log.warning(notes[-1])
+        return _notes(pd.DataFrame(columns=columns), notes)
+    reps = replicates(frame)
+    ranked = reps[reps[threat.column].notna()].copy()
+    unranked = reps.loc[reps[threat.column].isna(), "run_id"].tolist()
+    if unranked:
+        notes.append(f"not ranked (no {threat.attack} {threat.norm} eps {threat.eps:.6g} result): "
+                     f"{', '.join(unranked)}")
+    ranked["attack"], ranked["norm"], ranked["eps"] = threat.attack, threat.norm, threat.eps
+    ranked["adv_top1"] = ranked[threat.column]
+    ranked["n"] = ranked[f"n:{threat.column}"].astype(int)
+    ranked["model_card"] = [_card_of(runs, r, h) for r, h in zip(ranked["run_id"], ranked["checkpoint_hash"])]
+    ranked = ranked.sort_values(["dataset", "adv_top1", "clean_top1"], ascending=[True, False, False], kind="stable")
+    ranked["rank"] = ranked.groupby("dataset").cumcount() + 1
+    for note in notes:
+        log.warning(note)
+    table = ranked[columns].reset_index(drop=True)
+    table.attrs["threat"] = threat._asdict()
+    return _notes(table, notes)
+
+
+def _card_of(runs: pd.DataFrame | None, run_id: str, checkpoint_hash: str) -> str:
+    if runs is None or runs.empty:
+        return ""
+    hash_fits = (runs["checkpoint_hash"] == checkpoint_hash) | (runs["checkpoint_hash"] == "") | (checkpoint_hash == "")
+    same = runs[(runs["run_id"] == run_id) & hash_fits]
+    return str(same["model_card"].iloc[0]) if len(same) else ""
+
+
+MIN_MODELS = 3  # Pearson/Spearman on 2 points is +-1 by construction
+
+
+def _correlate(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, str]:
+    if len(x) < MIN_MODELS:
+        return (math.nan,) * 4 + (f"needs at least {MIN_MODELS} models with both values, has {len(x)}",)
+    if any(np.ptp(v) <= 1e-12 * max(1.0, float(np.abs(v).max())) for v in (x, y)):  # float noise is not spread
+        return (math.nan,) * 4 + ("constant values: correlation undefined",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # ties in ranks are fine for Spearman
+        pearson = stats.pearsonr(x, y)
+        spearman = stats.spearmanr(x, y)
+    return float(pearson.statistic), float(pearson.pvalue), float(spearman.statistic), float(spearman.pvalue), ""
+
+
+def correlation(table: pd.DataFrame) -> pd.DataFrame:
+    """Across the rows of a Table 3 view (per data set): Pearson and Spearman correlation, with p-values and n,
+    between GBR and clean top-1, each adversarial top-1, the generalization gap (train - clean top-1, where the
+    train accuracy is known) and the summed squared weight norms. Fewer than 3 models: NaN and a note, no error."""
+    notes: list[str] = []
+    columns = ["dataset", "x", "y", "attack", "norm", "eps", "n", "pearson_r", "pearson_p", "spearman_rho",
+               "spearman_p", "note"]
+    targets = [("clean_top1", Threat(CLEAN, CLEAN, 0.0))] + threat_columns(table)
+    targets += [(name, Threat("", "", math.nan)) for name in ("gen_gap", "weight_sq_norm")]
+    records = []
+    datasets = list(dict.fromkeys(table["dataset"])) if "dataset" in table else []
+    for dataset in datasets:
+        rows = table[table["dataset"] == dataset]
+        with_gbr = int(rows["gbr"].notna().sum())
+        if with_gbr < MIN_MODELS:
+            notes.append(f"{dataset}: correlation with GBR needs at least {MIN_MODELS} models with a GBR value, "
+                         f"found {with_gbr}")
+        for name, threat in targets:
+            if name not in rows:
+                continue
+            both = rows[["gbr", name]].astype(float).dropna()
+            if name == "gen_gap" and both.empty:
+                continue  # no train accuracy known: nothing to say
+            r, r_p, rho, rho_p, note = _correlate(both["gbr"].to_numpy(), both[name].to_numpy())
+            records.append({"dataset": dataset, "x": "gbr", "y": name, "attack": threat.attack, "norm": threat.norm,
+                            "eps": threat.eps, "n": len(both), "pearson_r": r, "pearson_p": r_p,
+                            "spearman_rho": rho, "spearman_p": rho_p, "note": note})
+    if not datasets:
+        notes.append("no models: no correlation")
+    for note in notes:
+        log.warning(note)
+    return _notes(pd.DataFrame(records, columns=columns), notes)
+
+
+def accuracy_vs_eps(table: pd.DataFrame) -> pd.DataFrame:
+    """Long form for the accuracy-vs-eps plot: one row per table row x threat, plus the clean accuracy at eps 0 for
+    every attack curve. Columns label, dataset, attack, norm, eps, top1, std (fractions)."""
+    records = []
+    for _, row in table.iterrows():
+        for column, threat in threat_columns(table):
+            if pd.isna(row[column]):
+                continue
+            std = row.get(f"{column}:std", math.nan)
+            records.append({"label": row["label"], "dataset": row["dataset"], "attack": threat.attack,
+                            "norm": threat.norm, "eps": threat.eps, "top1": float(row[column]), "std": float(std)})
+    curves = pd.DataFrame(records, columns=["label", "dataset", "attack", "norm", "eps", "top1", "std"])
+    clean = []
+    for (label, attack, norm), _ in curves.groupby(["label", "attack", "norm"], sort=False):
+        row = table[table["label"] == label].iloc[0]
+        if not pd.isna(row["clean_top1"]) and not (curves[(curves["label"] == label) & (curves["attack"] == attack)
+                                                          & (curves["norm"] == norm)]["eps"] == 0).any():
+            clean.append({"label": label, "dataset": row["dataset"], "attack": attack, "norm": norm, "eps": 0.0,
+                          "top1": float(row["clean_top1"]), "std": float(row.get("clean_top1:std", math.nan))})
+    if clean:
+        curves = pd.concat([pd.DataFrame(clean), curves], ignore_index=True)
+    return curves.sort_values(["attack", "norm", "label", "eps"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,393 @@
+"""Report: Table 3 view, leaderboard, GBR correlation, renderers, plots, merging inputs from several machines, CLI.
+
+Hand-built ResultRows (the paper's Table 2/3 numbers where it gives them) and hand-written run folders stand in for
+real train + attack runs. Golden Markdown lives in tests/golden/; regenerate with ROBUST_ENC_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from robust_enc.cli import main
+from robust_enc.errors import UserError
+from robust_enc.reports import build_report, load_inputs, merge_rows, parse_eps
+from robust_enc.reports import tables
+from robust_enc.reports.render import format_eps, render_table
+from robust_enc.results import ResultRow, write_results
+
+GOLDEN = Path(__file__).parent / "golden"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STAMP = "2025-01-01T00:00:00+00:00"
+
+# (run id, regularizer, clean top-1, FGSM 8/255 top-1, GBR): clean from the paper's Table 2, FGSM from Table 3;
+# the GBR values are made up (lower for the more robust rows, as the paper argues).
+PAPER = [("r50-baseline", "baseline", 0.7654, 0.1754, 41.0), ("r50-enc", "enc", 0.7744, 0.2987, 23.0),
+         ("r50-cutmix", "cutmix", 0.7657, 0.3294, 19.5), ("r50-ls", "ls", 0.7675, 0.2711, 26.0)]
+
+
+def _row(run_id: str, regularizer: str, attack: str = "none", eps: float = 0.0, *, clean: float,
+         adv: float | None = None, model: str = "resnet50", dataset: str = "imagenet", **kw) -> ResultRow:
+    return ResultRow(run_id=run_id, model=model, regularizer=regularizer, dataset=dataset, split="val", subset=0,
+                     attack=attack, norm="none" if attack == "none" else kw.pop("norm", "linf"), eps=eps,
+                     n=kw.pop("n", 1000), clean_top1=clean, adv_top1=clean if adv is None else adv,
+                     created_at=kw.pop("created_at", STAMP), **kw)
+
+
+def _paper_rows(**kw) -> list[ResultRow]:
+    rows = []
+    for run_id, reg, clean, fgsm8, gbr in PAPER:
+        rows.append(_row(run_id, reg, clean=clean, gbr=gbr, gbr_stderr=gbr / 50, weight_sq_norm=gbr * 3,
+                         train_top1=clean + gbr / 1000, **kw))
+        rows.append(_row(run_id, reg, "fgsm", 2 / 255, clean=clean, adv=(clean + fgsm8) / 2, **kw))
+        rows.append(_row(run_id, reg, "fgsm", 8 / 255, clean=clean, adv=fgsm8, **kw))
+    return rows
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("ROBUST_ENC_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == text, f"{name} changed (regenerate: ROBUST_ENC_UPDATE_GOLDEN=1)"
+
+
+def _write_run(folder: Path, run_id: str, regularizer: str, rows: list[ResultRow], gbr_by_epoch: list[float],
+               *, dataset: str = "imagenet", checkpoint_hash: str = "") -> Path:
+    """A run folder as train + attack leave it: results.csv, metrics.csv (per epoch), model_card.json."""
+    folder.mkdir(parents=True)
+    write_results(folder / "results.csv", rows)
+    epochs = range(1, len(gbr_by_epoch) + 1)
+    pd.DataFrame({"epoch": list(epochs), "lr": [0.1] * len(gbr_by_epoch), "train_loss": [2.0 / e for e in epochs],
+                  "train_top1": [0.5 + 0.1 * e for e in epochs], "val_top1": [0.45 + 0.1 * e for e in epochs],
+                  "val_top5": [0.9] * len(gbr_by_epoch), "weight_sq_norm": [3 * g for g in gbr_by_epoch],
+                  "gbr": gbr_by_epoch, "gbr_stderr": [g / 50 for g in gbr_by_epoch],
+                  "wall_s": [1.5 * e for e in epochs], "norm:net.conv1": [1.0] * len(gbr_by_epoch)}
+                 ).to_csv(folder / "metrics.csv", index=False)
+    card = {"run_id": run_id, "model": "resnet50", "regularizer": regularizer, "dataset": dataset,
+            "epochs": len(gbr_by_epoch), "val_top1": 0.76, "val_top5": 0.93, "train_top1": 0.81,
+            "gbr": gbr_by_epoch[-1], "gbr_stderr": 0.5, "weight_sq_norm": 3 * gbr_by_epoch[-1],
+            "checkpoint_hash": checkpoint_hash, "config": {}, "versions": {}}
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder
+
+
+# ------------------------------------------------------------------ Table 3 view
+def test_table3_view_matches_golden_and_paper_differences():
+    table = tables.table3(tables.results_frame(_paper_rows()))
+    assert list(table["label"]) == [p[0] for p in PAPER]  # baseline first, then input order
+    assert table["is_baseline"].tolist() == [True, False, False, False]
+    fgsm8 = tables.Threat("fgsm", "linf", 8 / 255).column
+    assert table[fgsm8].tolist() == [p[3] for p in PAPER]  # fractions, not percent
+    assert table[f"{fgsm8}:delta"].iloc[1] == pytest.approx(0.2987 - 0.1754)
+    assert table["gbr"].tolist() == [p[4] for p in PAPER]
+    assert table["gen_gap"].tolist() == pytest.approx([p[4] / 1000 for p in PAPER])
+    assert "clean_top1:std" not in table  # one seed each: no spread columns
+    text = render_table(table, "table3", "md")
+    assert "| 29.87 (+12.33) |" in text  # the paper's own "29.87 (+12.3)", with two decimals
+    _check_golden("table3.md", text)
+
+
+def test_seeds_are_grouped_with_mean_std_and_count(caplog):
+    rows = []
+    for seed, (clean, adv, gbr) in enumerate([(0.90, 0.40, 10.0), (0.92, 0.46, 14.0), (0.91, 0.43, 12.0)]):
+        run_id = f"tiny-enc-seed{seed}"
+        rows += [_row(run_id, "enc", clean=clean, gbr=gbr, model="resnet_tiny", dataset="digits"),
+                 _row(run_id, "enc", "fgsm", 8 / 255, clean=clean, adv=adv, model="resnet_tiny", dataset="digits")]
+    rows += [_row(name, "baseline", clean=0.9, model="resnet_tiny", dataset="digits") for name in ("b1", "b2")]
+    table = tables.table3(tables.results_frame(rows))
+    assert len(table) == 2
+    enc = table[table["regularizer"] == "enc"].iloc[0]
+    assert enc["label"] == "tiny-enc" and enc["n_seeds"] == 3
+    column = tables.Threat("fgsm", "linf", 8 / 255).column
+    assert enc[column] == pytest.approx(np.mean([0.40, 0.46, 0.43]))
+    assert enc[f"{column}:std"] == pytest.approx(np.std([0.40, 0.46, 0.43], ddof=1))
+    assert enc["gbr:std"] == pytest.approx(2.0)
+    # Run ids that differ by more than a seed suffix are still seeds of one model + regularizer, with a note.
+    assert any("b1, b2" in note for note in table.attrs["notes"])
+    text = render_table(table, "table3", "md")
+    assert "| Seeds |" in text and "43.00 ± 3.00" in text and "12.00 ± 2.00" in text
+
+
+def test_several_step_counts_get_separate_columns_and_the_leaderboard_takes_the_most_steps():
+    rows = _paper_rows()
+    for run_id, reg, clean, fgsm8, _ in PAPER:
+        rows += [_row(run_id, reg, "pgd", 8 / 255, clean=clean, adv=fgsm8 / 2, steps=10),
+                 _row(run_id, reg, "pgd", 8 / 255, clean=clean, adv=fgsm8 / 3, steps=50)]
+    frame = tables.results_frame(rows)
+    names = {t.attack for _, t in tables.threat_columns(tables.table3(frame))}
+    assert names == {"fgsm", "pgd-10", "pgd-50"}
+    board = tables.leaderboard(frame)
+    assert board.attrs["threat"]["attack"] == "pgd-50"
+    assert board["adv_top1"].tolist() == sorted((p[3] / 3 for p in PAPER), reverse=True)
+
+
+def test_one_run_id_on_two_data_sets_gives_two_labelled_rows_with_their_own_baselines():
+    rows = [_row(run_id, reg, attack, eps, clean=clean, adv=adv, dataset=dataset)
+            for dataset in ("digits", "fashion-mnist")
+            for run_id, reg, clean, adv in [("base", "baseline", 0.9, 0.3), ("enc", "enc", 0.92, 0.4)]
+            for attack, eps in [("none", 0.0), ("fgsm", 8 / 255)]]
+    table = tables.table3(tables.results_frame(rows))
+    assert sorted(table["label"]) == ["base@digits", "base@fashion-mnist", "enc@digits", "enc@fashion-mnist"]
+    assert table.set_index("label")["baseline"].to_dict() == {
+        "base@digits": "base@digits", "enc@digits": "base@digits",
+        "base@fashion-mnist": "base@fashion-mnist", "enc@fashion-mnist": "base@fashion-mnist"}
+    assert "| Data set |" in render_table(table, "table3", "md")
+
+
+# ------------------------------------------------------------------ baseline handling
+def test_missing_baseline_gives_table_without_differences_and_a_note(caplog):
+    rows = [r for r in _paper_rows() if r.regularizer != "baseline"]
+    with caplog.at_level(logging.WARNING):
+        table = tables.table3(tables.results_frame(rows))
+    assert not any(c.endswith(":delta") for c in table.columns)
+    assert any("no baseline row" in n for n in table.attrs["notes"]) and "no baseline row" in caplog.text
+    assert "(+" not in render_table(table, "table3", "md")
+
+
+def test_named_baseline_by_regularizer_or_run_id_and_unknown_name():
+    frame = tables.results_frame(_paper_rows())
+    by_reg = tables.table3(frame, baseline="cutmix")
+    by_run = tables.table3(frame, baseline="r50-cutmix")
+    assert by_reg["label"].iloc[0] == "r50-cutmix" and by_reg["is_baseline"].sum() == 1
+    pd.testing.assert_frame_equal(by_reg, by_run)
+    clean_delta = by_reg.set_index("label")["clean_top1:delta"]
+    assert clean_delta["r50-baseline"] == pytest.approx(0.7654 - 0.7657)
+    with pytest.raises(UserError, match="--baseline 'dropout' names no run id or regularizer"):
+        tables.table3(frame, baseline="dropout")
+
+
+# ------------------------------------------------------------------ leaderboard
+def test_leaderboard_ranks_by_strongest_attack_at_largest_eps_and_matches_golden():
+    rows = _paper_rows(checkpoint_hash="abc123def456")
+    board = tables.leaderboard(tables.results_frame(rows))
+    assert board.attrs["threat"] == {"attack": "fgsm", "norm": "linf", "eps": 8 / 255}
+    assert board["run_id"].tolist() == ["r50-cutmix", "r50-enc", "r50-ls", "r50-baseline"]
+    assert board["rank"].tolist() == [1, 2, 3, 4] and (board["adv_top1"] <= board["clean_top1"]).all()
+    _check_golden("leaderboard.md", render_table(board, "leaderboard", "md"))
+    # An explicit eps as the CLI gives it; "worst" is preferred once present.
+    at2 = tables.leaderboard(tables.results_frame(rows), eps=[parse_eps("2/255")])
+    assert at2.attrs["threat"]["eps"] == 2 / 255
+    worst = rows + [_row("r50-enc", "enc", "worst", 8 / 255, clean=0.7744, adv=0.01, checkpoint_hash="abc123def456")]
+    board = tables.leaderboard(tables.results_frame(worst))
+    assert board.attrs["threat"]["attack"] == "worst" and board["run_id"].tolist() == ["r50-enc"]
+    assert any("not ranked" in n for n in board.attrs["notes"])
+    with pytest.raises(UserError, match="no results for it; attacks in the results: fgsm"):
+        tables.leaderboard(tables.results_frame(rows), attack="square")
+
+
+# ------------------------------------------------------------------ correlation
+def test_correlation_matches_scipy_on_known_data():
+    rng = np.random.default_rng(0)
+    gbr = np.array([40.0, 31.0, 22.0, 18.0, 12.0, 9.0])
+    adv = np.clip(0.5 - gbr / 100 + rng.normal(0, 0.02, gbr.size), 0, 0.6)
+    train = np.array([0.99, 0.97, 0.96, 0.95, 0.95, 0.94])
+    rows = []
+    for i, (g, a, t) in enumerate(zip(gbr, adv, train)):
+        rows += [_row(f"m{i}", f"reg{i}", clean=0.8 - i * 0.01, gbr=float(g), train_top1=float(t)),
+                 _row(f"m{i}", f"reg{i}", "pgd", 4 / 255, clean=0.8 - i * 0.01, adv=float(a))]
+    table = tables.table3(tables.results_frame(rows))
+    corr = tables.correlation(table).set_index("y")
+    column = tables.Threat("pgd", "linf", 4 / 255).column
+    pearson, spearman = stats.pearsonr(gbr, adv), stats.spearmanr(gbr, adv)
+    assert corr.loc[column, "n"] == 6
+    assert corr.loc[column, "pearson_r"] == pytest.approx(pearson.statistic, abs=1e-12)
+    assert corr.loc[column, "pearson_p"] == pytest.approx(pearson.pvalue, rel=1e-9)
+    assert corr.loc[column, "spearman_rho"] == pytest.approx(spearman.statistic, abs=1e-12)
+    assert corr.loc[column, "spearman_p"] == pytest.approx(spearman.pvalue, rel=1e-9)
+    gap = train - np.array([0.8 - i * 0.01 for i in range(6)])
+    assert corr.loc["gen_gap", "pearson_r"] == pytest.approx(stats.pearsonr(gbr, gap).statistic, abs=1e-12)
+    assert corr.loc[column, "pearson_r"] < -0.9  # the synthetic data were built with a strong negative relation
+    constant = tables.table3(tables.results_frame([r for r in rows if r.attack == "none"]))
+    constant["clean_top1"] = [0.1 + 0.2] + [0.3] * (len(constant) - 1)  # float noise (5.6e-17) is not a spread
+    note = tables.correlation(constant).set_index("y").loc["clean_top1", "note"]
+    assert note == "constant values: correlation undefined"
+
+
+def test_correlation_golden_and_too_few_models_is_a_note_not_a_crash(caplog):
+    table = tables.table3(tables.results_frame(_paper_rows()))
+    _check_golden("correlation.md", render_table(tables.correlation(table), "correlation", "md"))
+    two = tables.table3(tables.results_frame([r for r in _paper_rows() if r.run_id in ("r50-enc", "r50-ls")]))
+    with caplog.at_level(logging.WARNING):
+        corr = tables.correlation(two)
+    assert len(corr) > 0 and corr["pearson_r"].isna().all() and (corr["n"] == 2).all()
+    assert corr["note"].str.contains("at least 3 models").all() and "at least 3 models" in caplog.text
+    assert "needs at least 3 models" in render_table(corr, "correlation", "md")
+
+
+# ------------------------------------------------------------------ merging inputs from several machines
+def test_exact_duplicates_merge_and_conflicts_keep_newest(tmp_path, caplog):
+    rows = _paper_rows()
+    write_results(tmp_path / "machine_a.csv", rows)
+    copied = [ResultRow(**{**r.to_dict(), "created_at": "2025-02-01T00:00:00+00:00", "wall_s": 9.0}) for r in rows]
+    write_results(tmp_path / "machine_b.json", copied)  # same measurements, another machine and time: a duplicate
+    data = load_inputs([tmp_path / "machine_a.csv", tmp_path / "machine_b.json"])
+    assert data.rows_read == 2 * len(rows) and len(data.rows) == len(rows) and data.conflicts == []
+
+    changed = rows[2]  # r50-baseline FGSM 8/255
+    older = ResultRow(**{**changed.to_dict(), "adv_top1": 0.15, "created_at": "2024-06-01T00:00:00+00:00"})
+    newer = ResultRow(**{**changed.to_dict(), "adv_top1": 0.16, "created_at": "2025-03-01T12:00:00+01:00"})
+    write_results(tmp_path / "machine_c.csv", [older, newer])
+    with caplog.at_level(logging.WARNING):
+        data = load_inputs([tmp_path / "machine_a.csv", tmp_path / "machine_c.csv"])
+    assert len(data.rows) == len(rows) and len(data.conflicts) == 1
+    conflict = data.conflicts[0]
+    assert conflict.kept.adv_top1 == 0.16 and sorted(r.adv_top1 for r in conflict.dropped) == [0.15, 0.1754]
+    assert "conflicting results" in caplog.text and "r50-baseline" in caplog.text
+    assert next(r for r in data.rows if r.key() == changed.key()).adv_top1 == 0.16
+    # The report lists the conflict for the reader.
+    out = build_report([tmp_path / "machine_a.csv", tmp_path / "machine_c.csv"], tmp_path / "report")
+    assert "conflicting duplicate rows" in out["index.md"].read_text()
+
+
+def test_merge_rows_tie_on_created_at_keeps_the_row_read_last():
+    first = _row("r", "baseline", "fgsm", 8 / 255, clean=0.9, adv=0.3)
+    second = ResultRow(**{**first.to_dict(), "adv_top1": 0.2})
+    merged, conflicts = merge_rows([first, second])
+    assert [r.adv_top1 for r in merged] == [0.2] and len(conflicts) == 1
+
+
+# ------------------------------------------------------------------ run folders, plots, files
+def _study(tmp_path: Path) -> Path:
+    """Two machines' output folders holding run folders; results rows without GBR (filled from the model card)."""
+    root = tmp_path / "runs"
+    for i, (run_id, reg, clean, fgsm8, gbr) in enumerate(PAPER):
+        rows = [_row(run_id, reg, clean=clean, checkpoint_hash=f"hash{i}"),
+                _row(run_id, reg, "fgsm", 2 / 255, clean=clean, adv=(clean + fgsm8) / 2, checkpoint_hash=f"hash{i}"),
+                _row(run_id, reg, "fgsm", 8 / 255, clean=clean, adv=fgsm8, checkpoint_hash=f"hash{i}")]
+        machine = "machine_a" if i % 2 else "machine_b"
+        _write_run(root / machine / "out" / run_id, run_id, reg, rows, [gbr * 4, gbr * 2, gbr],
+                   checkpoint_hash=f"hash{i}")
+    return root
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0
+
+
+def test_build_report_from_run_folders_writes_tables_plots_and_index(tmp_path):
+    out = tmp_path / "report"
+    written = build_report([_study(tmp_path)], out, formats=("md", "csv", "json", "latex", "html"))
+    expected_tables = {f"{t}.{s}" for t in ("table3", "leaderboard", "correlation")
+                       for s in ("md", "csv", "json", "tex", "html")}
+    assert expected_tables <= set(written)
+    plots = {k for k in written if k.startswith("plots/")}
+    assert plots == {"plots/adv_vs_eps_fgsm_linf.png", "plots/gbr_vs_fgsm_linf_8-255.png", "plots/gbr_epochs.png"}
+    for key in plots:
+        _assert_png(written[key])
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written.values())
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+    # GBR came from the model cards (the results rows had none); the card link is relative to the report.
+    table3 = pd.read_csv(written["table3.csv"]).set_index("label")
+    assert table3["gbr"].to_dict() == {p[0]: p[4] for p in PAPER}
+    board = json.loads(written["leaderboard.json"].read_text())
+    assert board["threat"] == {"attack": "fgsm", "norm": "linf", "eps": 8 / 255}
+    first = board["rows"][0]
+    assert first["run_id"] == "r50-cutmix" and first["checkpoint_hash"] == "hash2"
+    assert (out / first["model_card"]).resolve() == (tmp_path / "runs/machine_b/out/r50-cutmix/model_card.json")
+    index = written["index.md"].read_text()
+    for name in ("table3.md", "leaderboard.csv", "plots/gbr_epochs.png", "29.87 (+12.33)"):
+        assert name in index
+    assert r"$\pm$" in written["table3.tex"].read_text() and "<table" in written["table3.html"].read_text()
+
+
+def test_json_and_csv_keep_numbers_as_numbers(tmp_path):
+    written = build_report([_study(tmp_path)], tmp_path / "report")
+    payload = json.loads(written["table3.json"].read_text())
+    for record in payload["rows"]:
+        for key, value in record.items():
+            if key.startswith(("clean_top1", "adv:")) and not key.endswith(":delta"):
+                assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
+    for name in ("table3.csv", "leaderboard.csv", "correlation.csv", "table3.json", "leaderboard.json"):
+        text = written[name].read_text()
+        assert "/255" not in text and "%" not in text and "±" not in text, name
+
+
+def test_plots_are_skipped_with_notes_when_there_is_no_data(tmp_path):
+    write_results(tmp_path / "clean.csv", [_row("only", "baseline", clean=0.9)])
+    written = build_report([tmp_path / "clean.csv"], tmp_path / "report")
+    assert not any(k.startswith("plots/") for k in written)
+    index = written["index.md"].read_text()
+    assert "accuracy-vs-eps plots skipped" in index and "GBR-over-epochs plot skipped" in index
+    assert "leaderboard is empty" in index
+
+
+def test_training_only_run_folders_give_empty_tables_and_the_gbr_curve(tmp_path):
+    """Before any attack ran: run folders with metrics.csv and a model card only (also given as one of its files)."""
+    for run_id, reg, *_, gbr in PAPER[:2]:
+        folder = _write_run(tmp_path / "runs" / run_id, run_id, reg, [], [gbr * 2, gbr])
+        (folder / "results.csv").unlink()
+    inputs = [tmp_path / "runs" / PAPER[0][0], tmp_path / "runs" / PAPER[1][0] / "metrics.csv"]
+    written = build_report(inputs, tmp_path / "report", formats=("md", "csv", "json", "latex", "html"))
+    assert {k for k in written if k.startswith("plots/")} == {"plots/gbr_epochs.png"}
+    _assert_png(written["plots/gbr_epochs.png"])
+    assert json.loads(written["table3.json"].read_text())["rows"] == []
+    index = written["index.md"].read_text()
+    assert "Table 3 is empty" in index and "leaderboard is empty" in index
+
+
+def test_single_model_report_has_clear_messages(tmp_path):
+    rows = [r for r in _paper_rows() if r.run_id == "r50-enc"]
+    write_results(tmp_path / "one.json", rows)
+    written = build_report([tmp_path / "one.json"], tmp_path / "report")
+    index = written["index.md"].read_text()
+    assert "at least 3 models" in index and "no baseline row" in index
+    _assert_png(written["plots/adv_vs_eps_fgsm_linf.png"])
+
+
+def test_user_errors_for_bad_inputs(tmp_path):
+    write_results(tmp_path / "r.csv", _paper_rows())
+    for kwargs, message in [({"formats": ("md", "pdf")}, "unknown report format 'pdf'"),
+                            ({"attack": "pgd"}, "--attack 'pgd'"),
+                            ({"eps": ["4/255"]}, "no results at that eps; available"),
+                            ({"eps": ["8"]}, "write e.g. 8/255")]:
+        with pytest.raises(UserError, match=message):
+            build_report([tmp_path / "r.csv"], tmp_path / "report", **kwargs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no run folder"):
+        load_inputs([tmp_path / "empty"])
+    with pytest.raises(UserError, match="does not exist"):
+        load_inputs([tmp_path / "missing.csv"])
+
+
+def test_parse_and_format_eps():
+    assert parse_eps("8/255") == 8 / 255 and parse_eps(" 0.5 ") == 0.5 and parse_eps(0.25) == 0.25
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.5, "l2") == "0.5" and format_eps(0.03, "linf") == "0.03"
+    for bad in ("8", "-1/255", "abc", "1/0", "nan"):
+        with pytest.raises(UserError):
+            parse_eps(bad)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_report_on_a_folder_of_run_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps table cells to the terminal width
+    out = tmp_path / "report"
+    code = main(["report", str(_study(tmp_path)), "--out", str(out), "--format", "md,csv,latex",
+                 "--attack", "fgsm", "--eps", "2/255", "8/255"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "report written to" in captured.out and "29.87 (+12.33)" in captured.out
+    for name in ("table3.md", "table3.csv", "table3.tex", "leaderboard.md", "correlation.md", "index.md",
+                 "plots/gbr_epochs.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "table3.json").exists()
+
+
+def test_cli_wrong_schema_exits_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "results.csv"
+    bad.write_text("model,top1\nresnet50,76.5\n")
+    assert main(["report", str(bad), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "results schema" in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
