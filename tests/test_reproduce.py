@@ -1,0 +1,74 @@
+"""The main job end to end: a reduced `quick` study (three rows, one epoch, small subsets) in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from robust_enc.cli import main
+from robust_enc.reproduce import PRESET_NAMES, load_preset, plan
+from robust_enc.results import read_results
+
+SMALL = {
+    "description": "reduced quick preset for tests",
+    "model": "resnet_tiny",
+    "dataset": "digits",
+    "rows": ["baseline", "enc", "enc+ls"],
+    "seeds": [0],
+    "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "weight_decay": 0.0005, "schedule": "cosine",
+              "subset": 300, "val_subset": 100, "gbr_probe_size": 32},
+    "attack": {"attacks": ["fgsm", "pgd"], "eps": ["4/255", "16/255"], "steps": 3, "subset": 60, "batch_size": 60},
+    "report": {"baseline": "baseline"},
+}
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_shipped_presets_load_and_plan(tmp_path, name):
+    preset = load_preset(name)
+    assert "baseline" in preset.rows and "enc" in preset.rows
+    pairs = plan(preset, tmp_path)  # validates every spec and setting, touches no data
+    assert len(pairs) == len(preset.rows) * len(preset.seeds)
+    assert not any(tmp_path.iterdir())
+
+
+def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys):
+    preset_file = tmp_path / "small.json"
+    preset_file.write_text(json.dumps(SMALL))
+    out = tmp_path / "study"
+    assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "enc" in printed
+    report = out / "report"
+    for name in ("index.md", "table3.md", "table3.csv", "leaderboard.md", "correlation.csv"):
+        assert (report / name).is_file(), name
+    assert list((report / "plots").glob("*.png"))
+    runs = sorted(p for p in (out / "runs").iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["resnet_tiny-digits-baseline-s0-n300", "resnet_tiny-digits-enc+ls-s0-n300",
+                                      "resnet_tiny-digits-enc-s0-n300"]
+    for run in runs:
+        rows = read_results(run / "results.csv")
+        assert {(r.attack, round(r.eps * 255)) for r in rows} >= {("none", 0), ("fgsm", 4), ("pgd", 16)}
+        assert all(not math.isnan(r.gbr) and r.gbr > 0 and r.n == 60 for r in rows)
+        assert all(r.adv_top1 <= r.clean_top1 for r in rows)
+    table3 = (report / "table3.md").read_text()
+    assert "baseline" in table3 and table3.count("\n| resnet_tiny") == 3
+
+    # A rerun finds every training and attack finished: nothing is trained or attacked again.
+    stamps = {p: p.stat().st_mtime_ns for run in runs for p in (run / "checkpoint.pt", run / "results.csv")}
+    assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_reproduce_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["reproduce", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**SMALL, "rows": ["baseline", "encc"]}))
+    assert main(["reproduce", "--preset", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "encc" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert main(["reproduce", "--rows", "cutmixx"]) == 2
+    assert "not rows of preset quick" in capsys.readouterr().err
