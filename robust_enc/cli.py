@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name, _command=name)
-        if module_name != __name__:
+        if module_name != "robust_enc.cli":  # not __name__: under `python -m` that is "__main__"
             importlib.import_module(module_name).add_arguments(p)
     return parser
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
-        if args._module == __name__:
+        if args._module == "robust_enc.cli":
             return _list_registry(args._command)
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as err:
