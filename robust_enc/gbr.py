@@ -316,6 +316,7 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], An
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from robust_enc.checkpoint import load_plain_weights, state_hash
     from robust_enc.cli import resolve_device
@@ -344,9 +345,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     probes = f", {result.probes} probes" if result.method == "hutchinson" else ""
-    console.print(f"[bold]GBR[/bold] ({result.output}, {result.method}{probes}, "
-                  f"{'train' if args.train_mode else 'eval'} mode) of {provenance['run_id']} on {info.name}/"
-                  f"{info.split}: [bold]{result.mean:.6g}[/bold] ± {result.stderr:.3g} (stderr)")
+    mode = "train" if args.train_mode else "eval"
+    console.print(f"[bold]GBR[/bold] ({result.output}, {result.method}{probes}, {mode} mode) of "
+                  f"{escape(str(provenance['run_id']))} on {escape(info.name)}/{escape(info.split)}: "
+                  f"[bold]{result.mean:.6g}[/bold] ± {result.stderr:.3g} (stderr)")
     console.print(f"  95% CI [{result.ci_low:.6g}, {result.ci_high:.6g}], n = {result.n}; per sample median "
                   f"{result.median:.4g}, p05 {result.p05:.4g}, p95 {result.p95:.4g}; {result.wall_s:.1f} s")
     if args.json:
@@ -355,5 +357,5 @@ def run(args: argparse.Namespace) -> int:
                    **result.to_dict(), **library_versions()}
         payload = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
         write_text_atomic(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-        console.print(f"  wrote {args.json}")
+        console.print(f"  wrote {escape(str(args.json))}")
     return 0
