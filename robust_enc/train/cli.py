@@ -1,0 +1,161 @@
+"""``robust-enc train``: the command line onto ``TrainConfig``, with rich progress bars on a terminal.
+
+    robust-enc train --model resnet20 --dataset fashion-mnist --reg enc+cutmix+ls --epochs 3
+    torchrun --nproc_per_node 8 -m robust_enc.train.cli --model resnet50 --dataset imagenet --data-dir /data/in1k \\
+        --reg enc --batch-size 256 --amp bf16 --channels-last --workers 8      # 256 = global batch, 32 per GPU
+
+Under torchrun every process runs the same command; rank 0 alone writes the run folder and shows progress.
+
+Options left out keep TrainConfig's defaults (the paper's recipe); ``--set key=value`` reaches any field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import typing
+from typing import Any
+
+from robust_enc.errors import UserError
+from robust_enc.train.loop import Progress
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from robust_enc.cli import add_data_arguments, add_device_argument
+    from robust_enc.train.loop import AMP_DTYPES, SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    # None defaults throughout: only the options given override TrainConfig's defaults (one source of truth).
+    parser.add_argument("--model", default=None, help=f"model registry name (default {d.model})")
+    parser.add_argument("--reg", "--regularizer", dest="regularizer", default=None,
+                        help="regularizer spec, '+'-joined, e.g. baseline, enc, enc+cutmix+ls, enc:alpha=2 "
+                             f"(default {d.regularizer})")
+    add_data_arguments(parser, default_dataset=None)
+    parser.set_defaults(batch_size=None)  # TrainConfig's global batch, not the shared data default
+    parser.add_argument("--val-subset", type=int, default=None, help="evaluation examples (0 = the whole split)")
+    parser.add_argument("--image-size", type=int, default=None, help="image side in pixels for folder/ImageNet data")
+    opt = parser.add_argument_group("optimization (--batch-size is the global batch over all processes)")
+    opt.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
+    opt.add_argument("--lr", type=float, default=None, help=f"base learning rate (default {d.lr})")
+    opt.add_argument("--momentum", type=float, default=None, help=f"default {d.momentum}")
+    opt.add_argument("--weight-decay", "--wd", type=float, default=None, help=f"default {d.weight_decay}")
+    opt.add_argument("--schedule", choices=list(SCHEDULES), default=None, help=f"default {d.schedule}")
+    opt.add_argument("--step-epochs", type=int, default=None, help=f"lr / 10 every N epochs (default {d.step_epochs})")
+    opt.add_argument("--warmup-epochs", type=int, default=None, help="linear warmup epochs (default 0)")
+    opt.add_argument("--seed", type=int, default=None, help="default 0")
+    speed = parser.add_argument_group("speed")
+    add_device_argument(speed)
+    speed.add_argument("--amp", choices=list(AMP_DTYPES), default=None, help="autocast dtype (fp16 needs a GPU)")
+    speed.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
+    speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    speed.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across GPUs")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out-dir", default=None, help=f"parent folder of the run folder (default {d.out_dir})")
+    out.add_argument("--run-id", default=None, help="run folder name (default: model-data-regularizer-seed)")
+    out.add_argument("--gbr-probe-size", type=int, default=None,
+                     help=f"fixed evaluation examples for the per-epoch GBR (default {d.gbr_probe_size}; 0 = none)")
+    out.add_argument("--gbr-every", type=int, default=None, help="epochs between GBR estimates (default 1)")
+    out.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run")
+    out.add_argument("--export", action="store_true", default=None,
+                     help="also write exported.pt, the plain model with ENC/WN/WS baked in")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any TrainConfig field, e.g. --set weight_decay=5e-4 (repeatable)")
+
+
+def _parse_set(items: list[str], hints: dict[str, Any]) -> dict[str, Any]:
+    """KEY=VALUE pairs: the value is read as JSON (numbers, true/false, null) or else kept as a string."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if hints.get(key) in (str, str | None) and not isinstance(value, str) and value is not None:
+            value = text  # --set run_id=123 stays the string "123"
+        overrides[key] = value
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """TrainConfig from parsed arguments: given options, then --set overrides, all type-checked."""
+    from robust_enc.config import replace_checked
+    from robust_enc.train.loop import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    given["download"] = bool(args.download) or None  # store_true flags: absent = the default
+    given = {k: v for k, v in given.items() if v is not None}
+    return replace_checked(TrainConfig(), **{**given, **_parse_set(args.set, hints)})
+
+
+class RichProgress(Progress):
+    """Epoch and batch bars (images/s, ETA) on stderr, and one summary line per finished epoch."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
+
+        self.console = Console(stderr=True)
+        self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                             TimeRemainingColumn(), console=self.console, transient=False)
+        self.images = 0
+
+    def start(self, *, run_id: str, first_epoch: int, epochs: int, batches: int) -> None:
+        self.bars.start()
+        self.epoch_task = self.bars.add_task(f"[bold]{run_id}[/bold] epochs", total=epochs, completed=first_epoch,
+                                             info="")
+        self.batch_task = self.bars.add_task("batches", total=batches, info="")
+
+    def start_epoch(self, epoch: int, lr: float) -> None:
+        self.t0, self.images = time.perf_counter(), 0
+        self.bars.reset(self.batch_task, description=f"epoch {epoch + 1} (lr {lr:.3g})", info="")
+
+    def advance(self, images: int, loss: float) -> None:
+        self.images += images
+        rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        self.bars.update(self.batch_task, advance=1, info=f"loss {loss:.3f} {rate:,.0f} img/s")
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        self.bars.update(self.epoch_task, advance=1,
+                         info=f"val top-1 {row['val_top1']:.2%} gbr {row['gbr']:.3g}")
+        self.console.print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}, "
+                         f"val top-1 {row['val_top1']:.2%}, GBR {row['gbr']:.4g} ± {row['gbr_stderr']:.2g}, "
+                         f"sum ||W||² {row['weight_sq_norm']:.4g}, {row['wall_s']:.1f} s")
+
+    def finish(self) -> None:
+        self.bars.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from robust_enc.train.loop import LogProgress, train
+
+    config = config_from_args(args)
+    logging.getLogger("robust_enc.train").setLevel(logging.INFO)  # plain per-epoch lines when not on a terminal
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank (the process group is joined inside train)
+    progress = RichProgress() if sys.stderr.isatty() and main_rank else LogProgress()
+    try:
+        run_dir = train(config, progress=progress)
+    finally:
+        progress.finish()  # stop the live bars also when training fails
+    if main_rank:
+        card = json.loads((run_dir / "model_card.json").read_text())
+        print(f"{run_dir}: val top-1 {card['val_top1']}, GBR {card['gbr']}, checkpoint {card['checkpoint_hash']}")
+    return 0
+
+
+if __name__ == "__main__":  # torchrun -m robust_enc.train.cli --model ... (same as `robust-enc train ...`)
+    from robust_enc.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

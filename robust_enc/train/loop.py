@@ -1,0 +1,585 @@
+"""The training loop: one ``TrainConfig`` -> one run folder, on the CPU, one GPU, or many through ``torchrun``.
+
+torchvision-reference shape (verb-named ``train_one_epoch`` / ``evaluate``); everything regularizer-specific sits in
+the ``Recipe`` of ``train.regularizers`` (param groups, batch transforms, loss terms, SAM-style double steps), so this
+file knows nothing about ENC, CutMix or label smoothing.
+
+Run folder ``<out_dir>/<run_id>/``: ``config.json`` (written first), ``checkpoint.pt`` (after every epoch, atomic,
+with everything ``resume`` needs), ``metrics.csv`` (one row per epoch, rewritten atomically), ``model_card.json`` at the
+end, and ``exported.pt`` (the baked plain model) when asked. Only rank 0 writes.
+
+Exact resume: the sample order is a function of (seed, epoch) (``GlobalBatchSampler``), DataLoader workers are seeded
+from (seed, epoch, rank), and the torch / numpy / python RNG states of every rank are stored at each epoch's end and
+restored on resume, so on the CPU a run stopped after epoch k and resumed ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from robust_enc.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, load_state_strict, \
+    model_from_checkpoint, save_checkpoint
+from robust_enc.config import config_to_dict
+from robust_enc.data import DATASETS, build_dataset, build_loader, collate_readable
+from robust_enc.errors import UserError
+from robust_enc.io import write_atomic, write_text_atomic
+from robust_enc.models import MODELS, ModelSpec, build_model, weight_norms
+from robust_enc.train import distributed as D
+from robust_enc.train.regularizers import bake_model, build_recipe, canonical_spec, export_spec, run_name
+
+log = logging.getLogger(__name__)
+
+NAN = float("nan")
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOP5_MIN_CLASSES = 11  # as in results.py: top-5 of 10 or fewer classes says little, so it is NaN there
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "weight_sq_norm", "gbr",
+                  "gbr_stderr", "wall_s", "samples_seen", "images_per_s")  # then one "norm:<layer>" per conv/linear
+# The evaluation split of the data sets whose held-out split is not called "test".
+EVAL_SPLITS = {"imagenet": "val", "folder": "val"}
+# Short data set names for run ids; others are used as given (made filesystem-safe).
+DATASET_SHORT = {"fashion-mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "imagenet": "in1k"}
+# Settings that say how a run is executed, not what it computes: they may differ between a run and its resumption.
+RUN_ONLY_FIELDS = frozenset({"data_dir", "download", "device", "workers", "out_dir", "resume", "export", "compile",
+                             "channels_last"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults follow the paper's ImageNet recipe (section 4) except the model and data set."""
+
+    model: str = "resnet20"  # model registry name
+    dataset: str = "digits"  # data set registry name
+    data_dir: str | None = None  # folder holding the data set files
+    download: bool = False  # let torchvision download the data set (network)
+    subset: int = 0  # examples of the training split (deterministic, class-balanced); 0 = all
+    val_subset: int = 0  # examples of the evaluation split; 0 = all
+    image_size: int | None = None  # pixels (side) for folder/ImageNet data; None = the data set's default (224)
+    regularizer: str = "baseline"  # regularizer spec, e.g. "enc+cutmix+ls"; stored canonical
+    epochs: int = 100  # passes over the training set
+    batch_size: int = 256  # global batch: images per optimizer step over all processes (paper: 8 GPUs x 32)
+    lr: float = 0.1  # learning rate at the start (after warmup); not rescaled with the batch size
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 coefficient on conv/linear weights (the recipe decides which params decay)
+    schedule: str = "step"  # "step": lr / 10 every step_epochs (paper); "cosine": to 0 at the last epoch
+    step_epochs: int = 30  # epochs between lr drops of the step schedule
+    warmup_epochs: int = 0  # epochs of linear warmup (per epoch: lr * (e + 1) / (warmup_epochs + 1))
+    amp: str = "none"  # "none", "bf16" or "fp16" autocast (fp16 needs a GPU: it uses a GradScaler)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on GPU and on this CPU)
+    compile: bool = False  # torch.compile the training model
+    sync_bn: bool = False  # SyncBatchNorm across GPUs (multi-GPU runs only)
+    seed: int = 0  # model init, sample order, augmentation
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
+    workers: int = 0  # DataLoader worker processes per rank
+    out_dir: str = "runs"  # parent of the run folder
+    run_id: str = ""  # run folder name; "" = f"{model}-{dataset_short}-{run_name(spec)}-s{seed}[-n{subset}]"
+    gbr_probe_size: int = 256  # fixed evaluation examples for the per-epoch GBR estimate (eq. 18); 0 = skip GBR
+    gbr_every: int = 1  # epochs between GBR estimates (the last epoch always has one); the others are NaN
+    resume: bool = False  # continue an interrupted run in the same folder
+    export: bool = False  # also write exported.pt: the baked plain model (no ENC/WN/WS parametrizations)
+
+
+# ------------------------------------------------------------------------------------------------ config checks
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def dataset_short(name: str) -> str:
+    """A short, filesystem-safe data set name for run ids: ``fashion-mnist`` -> ``fmnist``, ``folder:/d/imgs`` ->
+    ``folder-imgs``."""
+    key, _, argument = name.partition(":")
+    text = f"{key}-{Path(argument.rstrip('/')).name or argument}" if argument else DATASET_SHORT.get(key, key)
+    return _safe(text)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_")
+
+
+def default_run_id(config: TrainConfig, spec: str) -> str:
+    subset = f"-n{config.subset}" if config.subset else ""
+    return _safe(f"{config.model}-{dataset_short(config.dataset)}-{run_name(spec)}-s{config.seed}{subset}")
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Check every setting that can be checked without data, canonicalize the regularizer and fill the run id.
+
+    Raises UserError with what was wrong and what to do; nothing is read or written before this passes."""
+    _check(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
+    _check(config.batch_size >= 1, f"batch size must be >= 1, got {config.batch_size}")
+    _check(config.lr > 0 and math.isfinite(config.lr), f"lr must be a positive number, got {config.lr}")
+    _check(0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}")
+    _check(config.weight_decay >= 0, f"weight decay must be >= 0, got {config.weight_decay}")
+    _check(config.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
+    _check(config.step_epochs >= 1, f"step_epochs must be >= 1, got {config.step_epochs}")
+    _check(0 <= config.warmup_epochs < config.epochs,
+           f"warmup_epochs must be in [0, epochs), got {config.warmup_epochs} with {config.epochs} epochs")
+    _check(config.amp in AMP_DTYPES, f"amp must be one of {', '.join(AMP_DTYPES)}, got {config.amp!r}")
+    _check(config.subset >= 0 and config.val_subset >= 0, "subset sizes must be >= 0 (0 = the whole split)")
+    _check(config.gbr_probe_size >= 0, f"gbr_probe_size must be >= 0 (0 = no GBR), got {config.gbr_probe_size}")
+    _check(config.gbr_every >= 1, f"gbr_every must be >= 1 (epochs between GBR estimates), got {config.gbr_every}")
+    _check(config.workers >= 0, f"workers must be >= 0, got {config.workers}")
+    _check(config.image_size is None or config.image_size >= 1, f"image size must be >= 1, got {config.image_size}")
+    MODELS.lookup(config.model)  # unknown names fail here, with a did-you-mean, before any data is read
+    DATASETS.lookup(config.dataset)
+    spec = canonical_spec(config.regularizer)
+    run_id = config.run_id or default_run_id(config, spec)
+    _check(run_id not in (".", "..") and _safe(run_id) == run_id,
+           f"run id {run_id!r} must be a plain folder name (letters, digits, . _ + = -)")
+    return dataclasses.replace(config, regularizer=spec, run_id=run_id)
+
+
+def _check_device(config: TrainConfig, device: torch.device, world_size: int) -> None:
+    _check(not (config.amp == "fp16" and device.type == "cpu"),
+           "amp fp16 needs a GPU (its GradScaler guards fp16 gradients); on the CPU use --amp bf16 or none")
+    _check(not (config.sync_bn and device.type == "cpu" and world_size > 1),
+           "sync-BN works on GPUs only (torch's SyncBatchNorm); drop --sync-bn for CPU processes")
+
+
+# ------------------------------------------------------------------------------------------------ lr schedule
+SCHEDULES: dict[str, Callable[[TrainConfig, int], float]] = {
+    "step": lambda c, epoch: 0.1 ** (epoch // c.step_epochs),
+    "cosine": lambda c, epoch: 0.5 * (1 + math.cos(math.pi * (epoch - c.warmup_epochs)
+                                                    / max(1, c.epochs - c.warmup_epochs))),
+}
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the base lr during ``epoch`` (0-based): linear warmup, then the schedule. A pure function of the
+    config, so a resumed run needs no scheduler object to restore."""
+    if epoch < config.warmup_epochs:
+        return (epoch + 1) / (config.warmup_epochs + 1)
+    return SCHEDULES[config.schedule](config, epoch)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's lr to its ``initial_lr`` x factor; return the first group's lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class Progress:
+    """Receives the loop's events. This base class ignores them (non-main ranks); ``LogProgress`` logs them; the
+    CLI renders rich bars (library code only logs)."""
+
+    def start(self, *, run_id: str, first_epoch: int, epochs: int, batches: int) -> None: ...
+
+    def start_epoch(self, epoch: int, lr: float) -> None: ...
+
+    def advance(self, images: int, loss: float) -> None: ...
+
+    def end_epoch(self, row: dict[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class LogProgress(Progress):
+    """One log line per epoch, and one every ``every_s`` seconds inside long epochs."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s, self.epochs, self.batches = every_s, 0, 0
+
+    def start(self, *, run_id: str, first_epoch: int, epochs: int, batches: int) -> None:
+        self.epochs, self.batches = epochs, batches
+        log.info("run %s: epochs %d..%d, %d batches per epoch", run_id, first_epoch + 1, epochs, batches)
+
+    def start_epoch(self, epoch: int, lr: float) -> None:
+        self.epoch, self.step, self.images, self.t0 = epoch, 0, 0, time.perf_counter()
+        self.last = self.t0
+
+    def advance(self, images: int, loss: float) -> None:
+        self.step, self.images = self.step + 1, self.images + images
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.images / (now - self.t0)
+            eta = (self.batches - self.step) * (now - self.t0) / self.step
+            log.info("epoch %d/%d batch %d/%d loss %.4f %.0f img/s eta %.0f s", self.epoch + 1, self.epochs,
+                     self.step, self.batches, loss, rate, eta)
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        log.info("epoch %d/%d lr %.4g train loss %.4f top1 %.4f val top1 %.4f gbr %.4g |W|^2 %.4g %.1f s "
+                 "(%.0f img/s)", row["epoch"], self.epochs, row["lr"], row["train_loss"], row["train_top1"],
+                 row["val_top1"], row["gbr"], row["weight_sq_norm"], row["wall_s"], row["images_per_s"])
+
+
+# ------------------------------------------------------------------------------------------------ steps
+class NonFiniteLoss(UserError):
+    pass
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: torch.optim.Optimizer, *,
+                    device: torch.device, epoch: int, autocast: Callable[[], Any] = contextlib.nullcontext,
+                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
+                    progress: Progress | None = None) -> dict[str, float]:
+    """One pass over ``loader`` with ``recipe.train_step``; sums are reduced over ranks.
+
+    Returns train_loss (mean per example), train_top1 (fraction), samples_seen (all ranks), images_per_s. A NaN or
+    infinite loss on any rank raises NonFiniteLoss on every rank (checked each step, so no rank waits forever)."""
+    progress = progress or Progress()
+    world = D.get_world_size()
+    model.train()
+    loss_sum = correct = seen = 0.0
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        if len(y) == 0:  # every image of the batch was unreadable
+            if world > 1:  # skipping on one rank only would leave the others waiting in all-reduce
+                raise UserError("a whole batch of images was unreadable on one process; remove the broken files")
+            continue
+        x, y = _to_device(x, y, device, channels_last)
+        result = recipe.train_step(model, x, y, optimizer, autocast=autocast, scaler=scaler)
+        bad = not math.isfinite(result.loss)
+        if D.any_rank(bad) if world > 1 else bad:
+            raise NonFiniteLoss(f"the training loss became {result.loss} at epoch {epoch + 1}, step {step + 1} "
+                                f"(lr {optimizer.param_groups[0]['lr']:.4g})")
+        loss_sum += result.loss * result.n
+        correct += result.correct
+        seen += result.n
+        progress.advance(result.n * world, result.loss)
+    loss_sum, correct, seen = D.all_reduce_sum([loss_sum, correct, seen])
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1), "samples_seen": int(seen),
+            "images_per_s": seen / seconds if seconds > 0 else NAN}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device,
+             autocast: Callable[[], Any] = contextlib.nullcontext, channels_last: bool = False,
+             num_classes: int | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy of ``model`` in eval mode over ``loader`` (this
+    rank's shard; the counts are summed over ranks). Top-5 is NaN with fewer than TOP5_MIN_CLASSES classes
+    (``num_classes``; None = the width of the logits)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, n
+    for x, y in loader:
+        if len(y) == 0:
+            continue
+        x, y = _to_device(x, y, device, channels_last)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        num_classes = num_classes or logits.shape[1]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
+                               hits.any(dim=1).sum().double(), torch.tensor(len(y), device=device).double()])
+    model.train(was_training)
+    loss, top1, top5, n = D.all_reduce_sum(totals.tolist())
+    if n == 0:
+        raise UserError("the evaluation split has no readable examples")
+    return {"top1": top1 / n, "top5": top5 / n if (num_classes or 0) >= TOP5_MIN_CLASSES else NAN, "loss": loss / n,
+            "n": int(n)}
+
+
+def measure_probe_gbr(model: nn.Module, loader: Iterable | None, device: torch.device) -> tuple[float, float]:
+    """(GBR, its standard error) of ``model`` on the fixed probe batches: eq. 18 on logits, eval mode, seed 0."""
+    if loader is None:
+        return NAN, NAN
+    from robust_enc.gbr import measure_gbr  # lazy: gbr.py is its own subsystem and CLI command
+
+    result = measure_gbr(model, loader, output="logits", method="auto", device=device, seed=0)
+    return result.mean, result.stderr
+
+
+def all_finite(model: nn.Module) -> bool:
+    """True when every floating-point parameter and buffer is finite (one sync for the whole model)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _stream_seed(seed: int, *parts: int) -> int:
+    """A distinct, deterministic seed per (seed, parts...): ranks and epochs get independent streams."""
+    for part in parts:
+        seed = (seed * 1_000_003 + part + 1) % 2**63
+    return seed
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    keys = (set(old) | set(new)) - RUN_ONLY_FIELDS
+    return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
+
+
+def _previous_run(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint | None]:
+    """What the run folder holds: ("fresh", None), ("finished", ckpt) or ("resume", ckpt). Raises UserError for a
+    folder holding another run, or an unfinished one without ``resume``."""
+    config_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT_NAME
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if ckpt is not None:
+        old = ckpt.config
+    elif config_path.is_file():
+        old = json.loads(config_path.read_text())
+    else:
+        return "fresh", None
+    diff = _differences(old, config_to_dict(config))
+    done = int(ckpt.extra.get("epoch", 0)) if ckpt is not None else 0
+    # The one change resume accepts: more epochs (the schedule is recomputed for the new total).
+    extending = config.resume and set(diff) == {"epochs"} and config.epochs > done
+    if diff and not extending:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:4])
+        raise UserError(f"{run_dir} holds a different run ({shown}); choose another --run-id or --out-dir, or delete "
+                        "the folder")
+    if ckpt is None:  # stopped before its first epoch ended: nothing to keep
+        return "fresh", None
+    if done >= config.epochs:
+        return "finished", ckpt
+    if not config.resume:
+        raise UserError(f"{run_dir} holds an unfinished run ({done}/{config.epochs} epochs): pass --resume to "
+                        "continue it, or delete the folder to start again")
+    return "resume", ckpt
+
+
+def _decide_on_rank0(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint | None]:
+    """Rank 0 reads the folder; every rank learns the decision (or the same UserError, so none is left waiting).
+    The checkpoint itself stays on rank 0."""
+    decision, ckpt = ("fresh", ""), None
+    if D.is_main():
+        try:
+            kind, ckpt = _previous_run(run_dir, config)
+            decision = (kind, "")
+        except UserError as err:
+            decision = ("error", str(err))
+    kind, message = D.broadcast_object(decision)
+    if kind == "error":
+        raise UserError(message)
+    return kind, ckpt
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """metrics.csv: METRIC_COLUMNS, then the norm:<layer> columns in module order; NaN as an empty cell."""
+    columns = list(METRIC_COLUMNS) + [k for k in rows[0] if k.startswith("norm:")]
+
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if _nan_to_none(row[k]) is None else row[k]) for k in columns})
+
+    return write_atomic(path, write)
+
+
+def finish_run(run_dir: Path, config: TrainConfig) -> Path:
+    """Write model_card.json (and exported.pt when asked) from the final checkpoint; idempotent."""
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    last = ckpt.metrics
+    card = {"run_id": ckpt.run_id, "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer,
+            "dataset": config.dataset, "subset": config.subset, "epochs": int(ckpt.extra.get("epoch", 0)),
+            **{k: _nan_to_none(last.get(k, NAN)) for k in ("val_top1", "val_top5", "train_top1", "train_loss", "gbr",
+                                                          "gbr_stderr", "weight_sq_norm")},
+            "checkpoint_hash": ckpt.content_hash, "world_size": ckpt.extra.get("world_size", 1),
+            "wall_s": sum(row["wall_s"] for row in ckpt.extra.get("history", [])),
+            "config": config_to_dict(config), "versions": ckpt.versions}
+    if config.export:
+        exported = run_dir / "exported.pt"
+        spec = dataclasses.replace(ckpt.spec, regularizer=export_spec(ckpt.spec.regularizer))
+        card["exported_hash"] = save_checkpoint(exported, bake_model(model_from_checkpoint(ckpt)), spec,
+                                                run_id=ckpt.run_id, dataset_info=ckpt.dataset_info,
+                                                config=ckpt.config, metrics=ckpt.metrics)
+    write_text_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, allow_nan=False) + "\n")
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(config: TrainConfig, *, progress: Progress | None = None) -> Path:
+    """Train one run; return its folder. A finished run (same config, epochs reached) is skipped; an interrupted one
+    continues with ``resume=True``. Under torchrun every rank calls this; rank 0 writes the files."""
+    from robust_enc.cli import resolve_device
+
+    config = resolve_config(config)
+    device = resolve_device(config.device)
+    _check_device(config, device, D.env_world_size())
+    joined_here = not torch.distributed.is_initialized()
+    ctx, device = D.init_distributed(device)
+    try:
+        return _train(dataclasses.replace(config, device=str(device)), device, ctx,
+                      progress if ctx.is_main and progress is not None else LogProgress() if ctx.is_main
+                      else Progress())
+    finally:
+        if joined_here:
+            D.cleanup()
+
+
+def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progress: Progress) -> Path:
+    run_dir = Path(config.out_dir) / config.run_id
+    data_kw: dict[str, Any] = dict(data_dir=config.data_dir, download=config.download, image_size=config.image_size)
+    train_set, train_info = build_dataset(config.dataset, "train", subset=config.subset, augment=True, **data_kw)
+    eval_split = EVAL_SPLITS.get(config.dataset.partition(":")[0], "test")
+    val_set, _ = build_dataset(config.dataset, eval_split, subset=config.val_subset, **data_kw)
+    recipe = build_recipe(config.regularizer, num_classes=train_info.num_classes, batch_size=config.batch_size,
+                          weight_decay=config.weight_decay)
+    sampler = D.GlobalBatchSampler(len(train_set), config.batch_size, seed=config.seed, rank=ctx.rank,
+                                   world_size=ctx.world_size)
+    spec = ModelSpec(config.model, train_info.num_classes, train_info.input_shape, train_info.mean, train_info.std,
+                     regularizer=config.regularizer)
+    kind, ckpt = _decide_on_rank0(run_dir, config)
+    if kind == "finished":
+        log.info("%s already finished (%d epochs): skipping", run_dir, config.epochs)
+        missing = not (run_dir / "model_card.json").is_file() or (config.export and
+                                                                   not (run_dir / "exported.pt").is_file())
+        if ctx.is_main and missing:  # stopped between the last checkpoint and the card, or export asked for now
+            finish_run(run_dir, config)
+        D.barrier()
+        return run_dir
+
+    seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = build_model(spec)
+    if ckpt is not None:
+        load_state_strict(net, ckpt.state_dict, str(run_dir / CHECKPOINT_NAME))
+    if ctx.rank > 0:  # each rank its own augmentation stream
+        seed_everything(_stream_seed(config.seed, ctx.rank))
+    net.to(device)
+    if config.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if ctx.distributed and config.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = torch.optim.SGD(recipe.param_groups(net), lr=config.lr, momentum=config.momentum)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    amp_dtype = AMP_DTYPES[config.amp]
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+
+    # What resume needs, from rank 0 to all (the weights travel through DDP's own broadcast at construction).
+    state = None
+    if kind == "resume" and ckpt is not None:
+        state = {k: ckpt.extra[k] for k in ("epoch", "optimizer", "scaler", "rng", "history")}
+    state = D.broadcast_object(state)
+    history: list[dict[str, Any]] = []
+    first_epoch = 0
+    if state is not None:
+        first_epoch, history = int(state["epoch"]), list(state["history"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) == ctx.world_size:
+            restore_rng(state["rng"][ctx.rank], device)
+        else:  # another number of processes: exactness is lost anyway, keep the streams distinct
+            log.warning("resuming with %d processes, the run had %d: fresh random streams", ctx.world_size,
+                        len(state["rng"]))
+            seed_everything(_stream_seed(config.seed, ctx.rank, first_epoch))
+        log.info("resuming %s after epoch %d", run_dir, first_epoch)
+
+    train_model: nn.Module = net
+    if ctx.distributed:
+        train_model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    loader_generator = torch.Generator()
+    # Our own batch sampler (build_loader takes per-item samplers only): same collation and pinning as build_loader.
+    train_loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers,
+                              collate_fn=collate_readable, pin_memory=device.type == "cuda",
+                              generator=loader_generator)
+    val_shard = Subset(val_set, D.shard_indices(len(val_set), ctx.rank, ctx.world_size)) if ctx.distributed \
+        else val_set
+    eval_batch = max(1, config.batch_size // ctx.world_size)
+    val_loader = build_loader(val_shard, batch_size=eval_batch, workers=config.workers)
+    probe_loader = None
+    if ctx.is_main and config.gbr_probe_size > 0:
+        probe_set, _ = build_dataset(config.dataset, eval_split, subset=config.gbr_probe_size, **data_kw)
+        probe_loader = build_loader(probe_set, batch_size=min(eval_batch, 64), workers=config.workers)
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
+    progress.start(run_id=config.run_id, first_epoch=first_epoch, epochs=config.epochs, batches=len(sampler))
+    for epoch in range(first_epoch, config.epochs):
+        start = time.perf_counter()
+        lr = set_lr(optimizer, lr_factor(config, epoch))
+        sampler.set_epoch(epoch)
+        loader_generator.manual_seed(_stream_seed(config.seed, epoch, ctx.rank))  # worker seeds
+        progress.start_epoch(epoch, lr)
+        try:
+            stats = train_one_epoch(train_model, train_loader, recipe, optimizer, device=device, epoch=epoch,
+                                    autocast=autocast, scaler=scaler, channels_last=config.channels_last,
+                                    progress=progress)
+            # The last step's loss is taken before its update: that update can still leave inf/NaN weights.
+            if D.any_rank(not all_finite(net)):
+                raise NonFiniteLoss(f"the weights became inf/NaN in the last step of epoch {epoch + 1} (lr {lr:.4g})")
+        except NonFiniteLoss as err:
+            kept = f"the checkpoint of epoch {epoch} (the last good one) is kept" if epoch else "nothing was saved"
+            raise UserError(f"{err}; {kept} in {run_dir}; lower --lr or add --warmup-epochs and start a new run "
+                            "(another --run-id, or delete the folder)") from None
+        if ctx.distributed:  # evaluate (and save) rank 0's BN statistics on every rank
+            for buffer in net.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        val = evaluate(net, val_loader, device=device, autocast=autocast, channels_last=config.channels_last,
+                       num_classes=train_info.num_classes)
+        due = (epoch + 1) % config.gbr_every == 0 or epoch + 1 == config.epochs
+        gbr, gbr_stderr = measure_probe_gbr(net, probe_loader if due else None, device)
+        norms = weight_norms(net)
+        row = {"epoch": epoch + 1, "lr": lr, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
+               "weight_sq_norm": sum(norms.values()), "gbr": gbr, "gbr_stderr": gbr_stderr,
+               "wall_s": time.perf_counter() - start, **{f"norm:{k}": v for k, v in norms.items()}}
+        history.append(row)
+        rng = D.all_gather_objects(capture_rng(device))
+        if ctx.is_main:
+            extra = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                     "scheduler": {"schedule": config.schedule, "next_epoch": epoch + 1},
+                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
+                     "world_size": ctx.world_size, "history": history}
+            metrics = {k: v for k, v in row.items() if not k.startswith("norm:")}
+            save_checkpoint(run_dir / CHECKPOINT_NAME, net, spec, run_id=config.run_id, dataset_info=train_info,
+                            config=config_to_dict(config), metrics=metrics, extra=extra)
+            write_metrics(run_dir / "metrics.csv", history)
+        progress.end_epoch(row)
+        D.barrier()
+    progress.finish()
+    if ctx.is_main:
+        finish_run(run_dir, config)
+    D.barrier()
+    return run_dir
