@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from robust_enc.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, load_state_strict, \
     model_from_checkpoint, save_checkpoint
 from robust_enc.config import config_to_dict
-from robust_enc.data import DATASETS, build_dataset, build_loader, collate_readable
+from robust_enc.data import DATASETS, build_dataset, build_loader, collate_readable, eval_split
 from robust_enc.errors import UserError
 from robust_enc.io import write_atomic, write_text_atomic
 from robust_enc.models import MODELS, ModelSpec, build_model, weight_norms
@@ -53,8 +53,6 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat1
 TOP5_MIN_CLASSES = 11  # as in results.py: top-5 of 10 or fewer classes says little, so it is NaN there
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "weight_sq_norm", "gbr",
                   "gbr_stderr", "wall_s", "samples_seen", "images_per_s")  # then one "norm:<layer>" per conv/linear
-# The evaluation split of the data sets whose held-out split is not called "test".
-EVAL_SPLITS = {"imagenet": "val", "folder": "val"}
 # Short data set names for run ids; others are used as given (made filesystem-safe).
 DATASET_SHORT = {"fashion-mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "imagenet": "in1k"}
 # Settings that say how a run is executed, not what it computes: they may differ between a run and its resumption.
@@ -456,8 +454,8 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     run_dir = Path(config.out_dir) / config.run_id
     data_kw: dict[str, Any] = dict(data_dir=config.data_dir, download=config.download, image_size=config.image_size)
     train_set, train_info = build_dataset(config.dataset, "train", subset=config.subset, augment=True, **data_kw)
-    eval_split = EVAL_SPLITS.get(config.dataset.partition(":")[0], "test")
-    val_set, _ = build_dataset(config.dataset, eval_split, subset=config.val_subset, **data_kw)
+    evaluation_split = eval_split(config.dataset)
+    val_set, _ = build_dataset(config.dataset, evaluation_split, subset=config.val_subset, **data_kw)
     recipe = build_recipe(config.regularizer, num_classes=train_info.num_classes, batch_size=config.batch_size,
                           weight_decay=config.weight_decay)
     sampler = D.GlobalBatchSampler(len(train_set), config.batch_size, seed=config.seed, rank=ctx.rank,
@@ -530,7 +528,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     val_loader = build_loader(val_shard, batch_size=eval_batch, workers=config.workers)
     probe_loader = None
     if ctx.is_main and config.gbr_probe_size > 0:
-        probe_set, _ = build_dataset(config.dataset, eval_split, subset=config.gbr_probe_size, **data_kw)
+        probe_set, _ = build_dataset(config.dataset, evaluation_split, subset=config.gbr_probe_size, **data_kw)
         probe_loader = build_loader(probe_set, batch_size=min(eval_batch, 64), workers=config.workers)
 
     if ctx.is_main:
