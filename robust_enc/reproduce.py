@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--rows {missing} are not rows of preset {preset.name}: {', '.join(preset.rows)}")
         preset = dataclasses.replace(preset, rows=rows)
     out = args.out or Path("reports") / preset.name
+    plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
     console = Console(stderr=True)
     console.print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
     written = reproduce(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs,

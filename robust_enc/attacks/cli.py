@@ -1,0 +1,122 @@
+"""``robust-enc attack``: FGSM/PGD/... through ART over a data set, with an eps sweep and built-in sanity checks."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
+from robust_enc.attacks.runner import AttackConfig, BatchReport, evaluate, results_path
+from robust_enc.cli import add_data_arguments, add_device_argument
+from robust_enc.results import ResultRow
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", default="", help="run folder or checkpoint file")
+    model.add_argument("--model", default="", help="model registry name, with --weights (plain state dict)")
+    model.add_argument("--weights", default="", help="torchvision/timm state-dict file for --model")
+    add_data_arguments(parser, default_dataset=None)  # None: the checkpoint's data set
+    parser.add_argument("--split", default="", help="data split (default: test, or val where there is no test)")
+    add_device_argument(parser)
+    threat = parser.add_argument_group("threat model")
+    threat.add_argument("--attack", default="fgsm",
+                        help=f"comma-separated attacks: {', '.join(ATTACKS.names())} (default fgsm)")
+    threat.add_argument("--eps", default="1/255,2/255,4/255",
+                        help="comma-separated eps in pixel units of [0, 1] images: floats or k/255")
+    threat.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    threat.add_argument("--steps", type=int, default=None,
+                        help="iterations (square: queries); default per attack: pgd 10, apgd 100, square 1000")
+    threat.add_argument("--step-size", type=float, default=None,
+                        help="pixel units; default 2.5*eps/steps for pgd (Madry/RobustBench), 2*eps for apgd")
+    threat.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="PGD starts at a random point of the eps ball (default on)")
+    threat.add_argument("--restarts", type=int, default=1, help="random starts; the per-example best is kept")
+    threat.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="results file .csv/.json (default <run>/results.csv)")
+    parser.add_argument("--gbr", action="store_true", help="attach the model's GBR measured on the same examples")
+
+
+def config_from_args(args: argparse.Namespace) -> AttackConfig:
+    return AttackConfig(
+        checkpoint=args.checkpoint, model=args.model, weights=args.weights, dataset=args.dataset or "",
+        data_dir=args.data_dir, download=args.download, split=args.split, subset=args.subset,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, attacks=parse_attacks(args.attack),
+        eps=parse_eps(args.eps), norm=args.norm, steps=args.steps, step_size=args.step_size,
+        random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr)
+
+
+class _Progress:
+    """A rich progress bar (images/s, running robust accuracy) on a terminal; a plain line every 10% or 30 s
+    otherwise (logs, CI)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.task = None
+        self.last_line = (0.0, -1)
+
+    def __enter__(self) -> _Progress:
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("attack"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"),
+                                console=Console(stderr=True), transient=True)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, report: BatchReport) -> None:
+        rate = f"{report.images_per_s:,.0f} img/s"
+        # The last entry is the worst case (or the only attack) at the largest eps: the number to watch.
+        acc = "  ".join(f"robust {k} {v:.1%}" for k, v in list(report.running.items())[-1:])
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task("attack", total=report.total, rate=rate, acc=acc)
+            self.bar.update(self.task, completed=report.done, rate=rate, acc=acc)
+            return
+        now = time.monotonic()
+        tenth = int(10 * report.done / max(report.total, 1))
+        if tenth != self.last_line[1] or now - self.last_line[0] > 30 or report.done == report.total:
+            print(f"attack: {report.done}/{report.total} images, {rate}, {acc}", file=sys.stderr, flush=True)
+            self.last_line = (now, tenth)
+
+
+def _show(rows: list[ResultRow], out: str) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{rows[0].run_id} on {rows[0].dataset} ({rows[0].split}, n={rows[0].n})")
+    for column in ("attack", "norm", "eps", "steps", "clean top-1", "adv top-1", "adv top-5", "img/s", "checks"):
+        table.add_column(column, justify="left" if column in ("attack", "norm", "checks") else "right")
+    for r in rows:
+        eps = f"{r.eps * 255:.3g}/255" if r.norm == "linf" else f"{r.eps:.3g}"
+        table.add_row(r.attack, r.norm, eps, str(r.steps or ""), f"{r.clean_top1:.2%}", f"{r.adv_top1:.2%}",
+                      "" if math.isnan(r.adv_top5) else f"{r.adv_top5:.2%}", f"{r.images_per_s:,.0f}",
+                      "[red]FAIL[/red]" if r.flags else "ok")
+    console.print(table)
+    failed = [f"{r.attack} eps={r.eps:.4g}: {flag}" for r in rows if r.flags for flag in r.flags.split(";")]
+    if failed:
+        Console(stderr=True).print(Panel("\n".join(failed), title="sanity checks FAILED (see STYLE.md / checks.py)",
+                                         border_style="red"))
+    console.print(f"results appended to {out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    with _Progress() as progress:
+        rows = evaluate(config, on_batch=progress if main_process else None)
+    if rows and main_process:
+        _show(rows, str(results_path(config)))
+    return 0

@@ -1,0 +1,502 @@
+"""Evaluate a model under attack over a data set: clean accuracy, each attack at each eps, the per-example worst case.
+
+Protocol (RobustBench/AutoAttack): images in [0, 1], eps in pixel units; each attack runs only on the examples the
+model gets right clean (top-5 right when top-5 is reported), so an example counts as robust only when it is correct
+clean AND under attack, and ``adv <= clean`` by construction. ``worst`` ANDs the per-example robust flags of every
+attack at an eps.
+
+Streaming: batches come from a DataLoader; a batch's images are dropped once counted, so memory does not grow with
+the data set. Only integer counts (and a few maxima) are kept per (attack, eps). They are:
+
+- sharded over ``torchrun`` processes by whole batches (rank r takes global batches r, r + world, ...), then summed
+  with ``all_reduce``: every batch holds the same images as in one process, so the totals are identical;
+- saved atomically after every batch to a progress file next to the results file, keyed by a hash of the config and
+  the checkpoint: a killed run resumes at the next batch. Random starts are seeded per (seed, global batch, attack,
+  eps), so a resumed or sharded run draws the same random numbers as an uninterrupted one (``state.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from robust_enc.attacks import art_adapter
+from robust_enc.attacks.checks import RowStats, check_rows
+from robust_enc.attacks.registry import ATTACKS, AttackSettings, Plan, Prepared, parse_attacks, parse_eps
+from robust_enc.attacks.state import (
+    ShardSampler,
+    Tallies,
+    all_reduce,
+    distributed,
+    load_progress,
+    new_tally,
+    progress_path,
+    restored_rng,
+    save_progress,
+    seed_everything,
+    seed_for,
+    tally_key,
+)
+from robust_enc.data import DatasetInfo, build_dataset, build_loader, eval_split, unreadable_count
+from robust_enc.errors import UserError
+from robust_enc.results import ResultRow, append_results, library_versions
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One ``robust-enc attack`` run. Either ``checkpoint`` or ``model`` + ``weights``."""
+
+    checkpoint: str = ""  # run folder or checkpoint file
+    model: str = ""  # model registry name, with ``weights`` (a plain torchvision/timm state dict)
+    weights: str = ""
+    dataset: str = ""  # data set registry name; "" = the checkpoint's
+    data_dir: str | None = None
+    download: bool = False
+    split: str = ""  # "" = the data set's natural evaluation split (test, else val)
+    subset: int = 0  # deterministic class-balanced subset; 0 = whole split
+    batch_size: int = 128  # images per batch, also ART's batch size
+    workers: int = 0  # DataLoader worker processes
+    device: str = "auto"
+    attacks: tuple[str, ...] = ("fgsm",)  # attack registry names
+    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)  # pixel units, images in [0, 1]
+    norm: str = "linf"  # "linf" or "l2"
+    steps: int | None = None  # iterations; None = each attack's default (pgd 10, apgd 100, square 1000 queries)
+    step_size: float | None = None  # pixel units; None = each attack's rule (pgd 2.5 * eps / steps)
+    random_start: bool = True  # PGD starts at a random point in the ball
+    restarts: int = 1  # random starts / restarts; the per-example best is kept
+    seed: int = 0  # seeds random, numpy and torch per batch
+    out: str = ""  # results file (.csv/.json); "" = <run>/results.csv next to the checkpoint
+    gbr: bool = False  # attach the model's GBR (paper eq. 18) measured on the same examples
+
+    def settings(self) -> AttackSettings:
+        return AttackSettings(self.norm, self.steps, self.step_size, self.random_start, self.restarts)
+
+
+@dataclass
+class Provenance:
+    """What the rows say about the model."""
+
+    run_id: str
+    model: str
+    regularizer: str = "baseline"
+    checkpoint_hash: str = ""
+    train_top1: float = math.nan
+    weight_sq_norm: float = math.nan
+
+
+@dataclass
+class BatchReport:
+    """Sent to ``on_batch`` after every batch (rank 0 of a sharded run reports its own shard)."""
+
+    done: int  # images counted so far on this process (resumed ones included)
+    total: int  # images this process will count
+    images_per_s: float  # over this session's batches, attacks included
+    running: dict[str, float] = field(default_factory=dict)  # "attack@eps" -> running robust accuracy
+
+
+OnBatch = Callable[[BatchReport], None]
+
+
+def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInfo, rank: int, world: int) -> str:
+    settings = asdict(config)
+    for name in ("out", "device", "workers", "gbr", "download", "data_dir"):  # do not change what is counted
+        settings.pop(name)
+    payload = {"config": settings, "checkpoint": provenance.checkpoint_hash, "run_id": provenance.run_id,
+               "dataset": info.name, "split": info.split, "size": info.size, "rank": rank, "world": world,
+               "art": library_versions().get("art_version", "")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+class _Run:
+    """The state of one evaluation on one process."""
+
+    def __init__(self, model: nn.Module, info: DatasetInfo, config: AttackConfig, plans: list[Plan],
+                 eps: tuple[float, ...], device: torch.device) -> None:
+        self.model, self.info, self.config, self.plans, self.eps, self.device = model, info, config, plans, eps, device
+        self.topk = 5 if info.num_classes > 10 else 0  # top-5 only means something with many classes
+        self.multi = len(plans) > 1
+        self.tallies: Tallies = {tally_key("none", 0.0): new_tally()}
+        for plan in plans:
+            for e in eps:
+                self.tallies[tally_key(plan.name, e)] = new_tally()
+        if self.multi:
+            for e in eps:
+                self.tallies[tally_key("worst", e)] = new_tally()
+        self.batch = 0  # global index of the batch being attacked (seeds random starts)
+        self.prepared: dict[str, Prepared] = {}
+
+    def prepare(self, classifier: Any) -> None:
+        """Build every ART attack object before the first batch: ART's own parameter checks run up front."""
+        for plan in self.plans:
+            entry = ATTACKS.get(plan.name)
+
+            def reseed(eps: float, name: str = plan.name) -> None:
+                seed_everything(seed_for(self.config.seed, self.batch, name, eps))
+
+            try:
+                self.prepared[plan.name] = entry.prepare(classifier, self.eps, plan, self.config.batch_size, reseed)
+            except (ValueError, TypeError) as err:
+                raise UserError(f"attack {plan.name}: ART rejected the settings ({err})") from None
+
+    def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top1 = logits.argmax(1) == y
+        if not self.topk:
+            return top1, top1
+        return top1, (logits.topk(min(self.topk, logits.shape[1]), dim=1).indices == y[:, None]).any(1)
+
+    def step(self, x_cpu: torch.Tensor, y_cpu: torch.Tensor) -> None:
+        """Count one batch: x [B, C, H, W] float32 in [0, 1], y [B] int64."""
+        model, device = self.model, self.device
+        x, y = x_cpu.to(device, non_blocking=True), y_cpu.to(device, non_blocking=True)
+        started = time.perf_counter()
+        with torch.no_grad():
+            logits = model(x)
+        clean1, clean5 = self._correct(logits, y)
+        prob_like = (((logits >= 0) & (logits <= 1)).all(1) & ((logits.sum(1) - 1).abs() < 1e-3)).sum()
+        t = self.tallies[tally_key("none", 0.0)]
+        t["n"] += len(y)
+        t["clean1"] += int(clean1.sum())
+        t["clean5"] += int(clean5.sum())
+        t["adv1"], t["adv5"] = t["clean1"], t["clean5"]
+        t["prob_like"] += int(prob_like)
+        t["wall_s"] += time.perf_counter() - started
+
+        # Attack only what is right clean: the rest is not robust whatever the attack does.
+        attack_mask = clean5 if self.topk else clean1
+        idx = attack_mask.nonzero().squeeze(1)
+        idx_cpu = idx.cpu()
+        x_np = art_adapter.to_numpy_images(x_cpu[idx_cpu])
+        y_np = art_adapter.one_hot(y_cpu[idx_cpu], self.info.num_classes)
+        xa, ya = x[idx], y[idx]
+        worst = {e: [clean1.clone(), clean5.clone(), 0.0] for e in self.eps}
+        for plan in self.plans:
+            prepared = self.prepared[plan.name]
+            started = time.perf_counter()
+            if len(idx):
+                prepared.start(x_np, y_np)
+            shared = (time.perf_counter() - started) / len(self.eps)  # FGSM's one gradient, split over the sweep
+            for e in self.eps:
+                started = time.perf_counter()
+                t = self.tallies[tally_key(plan.name, e)]
+                t["n"] += len(y)
+                t["clean1"] += int(clean1.sum())
+                t["clean5"] += int(clean5.sum())
+                t["attacked"] += len(idx)
+                if len(idx):
+                    x_adv_np, zero = prepared.at(e)
+                    x_adv = torch.from_numpy(x_adv_np).to(device)
+                    with torch.no_grad():
+                        ok1_sub, ok5_sub = self._correct(model(x_adv), ya)
+                    ok1 = torch.zeros_like(clean1)
+                    ok5 = torch.zeros_like(clean5)
+                    ok1[idx], ok5[idx] = ok1_sub, ok5_sub
+                    adv1, adv5 = clean1 & ok1, clean5 & ok5
+                    finite = torch.isfinite(x_adv.flatten(1)).all(1)
+                    t["nonfinite"] += int((~finite).sum())  # NaN would slip through the max() checks below
+                    delta = (x_adv - xa).flatten(1)[finite]
+                    size = delta.abs().amax(1) if plan.norm == "linf" else delta.norm(dim=1)
+                    if len(size):
+                        t["max_pert"] = max(t["max_pert"], float(size.max()))
+                        kept = x_adv[finite]
+                        excess = max(float(-kept.min()), float(kept.max()) - 1.0, 0.0)
+                        t["box_excess"] = max(t["box_excess"], excess)
+                    if e > 0:
+                        unchanged = (torch.from_numpy(zero) if zero is not None
+                                     else (x_adv == xa).flatten(1).all(1).cpu())
+                        t["zero_grad"] += int(unchanged.sum())
+                    t["adv1"] += int(adv1.sum())
+                    t["adv5"] += int(adv5.sum())
+                    w = worst[e]
+                    w[0] &= adv1
+                    w[1] &= adv5
+                elapsed = time.perf_counter() - started + shared
+                t["wall_s"] += elapsed
+                worst[e][2] += elapsed
+        if self.multi:
+            for e, (w1, w5, elapsed) in worst.items():
+                t = self.tallies[tally_key("worst", e)]
+                t["n"] += len(y)
+                t["clean1"] += int(clean1.sum())
+                t["clean5"] += int(clean5.sum())
+                t["attacked"] += len(idx)
+                t["adv1"] += int(w1.sum())
+                t["adv5"] += int(w5.sum())
+                t["wall_s"] += elapsed
+                for plan in self.plans:
+                    sub = self.tallies[tally_key(plan.name, e)]
+                    t["nonfinite"] = max(t["nonfinite"], sub["nonfinite"])
+                    t["max_pert"] = max(t["max_pert"], sub["max_pert"])
+                    t["box_excess"] = max(t["box_excess"], sub["box_excess"])
+
+    def running(self) -> dict[str, float]:
+        """Robust accuracy so far at the largest eps, per attack (and worst)."""
+        e = self.eps[-1]
+        names = [p.name for p in self.plans] + (["worst"] if self.multi else [])
+        out = {}
+        for name in names:
+            t = self.tallies[tally_key(name, e)]
+            if t["n"]:
+                out[f"{name}@{e:.4g}"] = t["adv1"] / t["n"]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def _rows(run: _Run, provenance: Provenance, gbr: tuple[float, float] | None) -> list[ResultRow]:
+    info, config = run.info, run.config
+    versions = library_versions()
+    has5 = bool(run.topk)
+    common = dict(run_id=provenance.run_id, model=provenance.model, regularizer=provenance.regularizer,
+                  dataset=info.name, split=info.split, subset=info.subset, seed=config.seed,
+                  train_top1=provenance.train_top1, weight_sq_norm=provenance.weight_sq_norm,
+                  checkpoint_hash=provenance.checkpoint_hash, **versions)
+    if gbr is not None:
+        common.update(gbr=gbr[0], gbr_stderr=gbr[1], gbr_output="logits")
+
+    def row(attack: str, norm: str, eps: float, t: dict[str, float], **extra: Any) -> ResultRow:
+        n = int(t["n"])
+        frac = (lambda k: t[k] / n) if n else (lambda k: math.nan)
+        wall = float(t["wall_s"])
+        return ResultRow(attack=attack, norm=norm, eps=eps, n=n, clean_top1=frac("clean1"),
+                         clean_top5=frac("clean5") if has5 else math.nan, adv_top1=frac("adv1"),
+                         adv_top5=frac("adv5") if has5 else math.nan, wall_s=wall,
+                         images_per_s=n / wall if wall > 0 else math.nan, **extra, **common)
+
+    clean = run.tallies[tally_key("none", 0.0)]
+    rows = [row("none", "none", 0.0, clean)]
+    prob = clean["prob_like"] / clean["n"] if clean["n"] else 0.0
+    stats = [RowStats(probability_fraction=prob)]
+    for plan in run.plans:
+        for e in run.eps:
+            t = run.tallies[tally_key(plan.name, e)]
+            rows.append(row(plan.name, plan.norm, e, t, steps=plan.steps,
+                            step_size=plan.step_size_at(e) if e > 0 else 0.0, restarts=plan.restarts))
+            stats.append(RowStats(t["max_pert"], t["box_excess"], int(t["attacked"]), int(t["zero_grad"]),
+                                  plan.white_box, plan.iterative, prob, int(t["nonfinite"])))
+    if run.multi:
+        for e in run.eps:
+            t = run.tallies[tally_key("worst", e)]
+            rows.append(row("worst", run.config.norm, e, t))
+            stats.append(RowStats(t["max_pert"], t["box_excess"], int(t["attacked"]), 0, True, False, prob))
+    return check_rows(rows, stats)
+
+
+def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, device: torch.device, rank: int,
+                 world: int) -> list[float]:
+    """[n, sum, sum of squares] of per-example GBR over this rank's shard (combined across ranks by the caller)."""
+    from robust_enc.gbr import measure_gbr  # lazy: only runs with --gbr
+
+    loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers,
+                          sampler=ShardSampler(len(dataset), config.batch_size, rank, world))
+    _, values = measure_gbr(model, loader, output="logits", device=device, seed=config.seed, return_values=True)
+    values = values.double()
+    return [float(len(values)), float(values.sum()), float(values.pow(2).sum())]
+
+
+def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config: AttackConfig,
+                   provenance: Provenance, *, out: Path | None, max_batches: int | None = None,
+                   on_batch: OnBatch | None = None) -> list[ResultRow]:
+    """The loop shared by ``evaluate`` and ``benchmark``. Returns [] when stopped by ``max_batches`` (progress kept
+    for a later call to resume); otherwise the checked rows, appended to ``out`` by rank 0 when ``out`` is given."""
+    attacks = parse_attacks(config.attacks)
+    eps = parse_eps(config.eps)
+    if config.norm not in art_adapter.NORMS:
+        raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if len(dataset) == 0:
+        raise UserError(f"data set {info.name} split {info.split} is empty: nothing to evaluate")
+    plans = [ATTACKS.get(name).plan(name, config.settings(), info.num_classes) for name in attacks]
+
+    with distributed(config.device) as (rank, world, device), restored_rng():
+        model = model.to(device)
+        run = _Run(model, info, config, plans, eps, device)
+        with art_adapter.frozen(model):
+            classifier = art_adapter.build_classifier(model, num_classes=info.num_classes,
+                                                      input_shape=info.input_shape, device=device)
+            run.prepare(classifier)
+            key = _progress_key(config, provenance, info, rank, world)
+            progress = progress_path(out, rank, world) if out is not None else None
+            start = 0
+            if progress is not None and (saved := load_progress(progress, key)) is not None:
+                start, run.tallies = saved
+                log.warning("resuming %s from batch %d of this process (progress file %s)", provenance.run_id, start,
+                            progress)
+            sampler = ShardSampler(len(dataset), config.batch_size, rank, world, start)
+            loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers, sampler=sampler)
+            done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
+            total = done_before + len(sampler)
+            session_start, session_images = time.perf_counter(), 0
+            stopped = False
+            for j, (x, y) in enumerate(loader):
+                if max_batches is not None and j >= max_batches:
+                    stopped = True
+                    break
+                run.batch = rank + (start + j) * world
+                if len(y):
+                    run.step(x, y)
+                session_images += len(y)
+                if progress is not None:
+                    save_progress(progress, key, start + j + 1, run.tallies)
+                if on_batch is not None:
+                    rate = session_images / max(time.perf_counter() - session_start, 1e-9)
+                    on_batch(BatchReport(done_before + session_images, total, rate, run.running()))
+            if stopped:
+                log.warning("stopped after %d batches; rerun the same command to resume", max_batches)
+                return []
+        skipped = unreadable_count(dataset)
+        if skipped:
+            log.warning("%d unreadable images were skipped", skipped)
+        gbr_sums = _measure_gbr(model, dataset, config, device, rank, world) if config.gbr else []
+        all_reduce(run.tallies, gbr_sums, world, device)
+        gbr = None
+        if gbr_sums:
+            n, total_sum, total_sq = gbr_sums
+            mean = total_sum / n
+            var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else math.nan
+            gbr = (mean, math.sqrt(max(var, 0.0) / n) if n > 1 else math.nan)
+        rows = _rows(run, provenance, gbr)
+        if out is not None and rank == 0:
+            append_results(out, rows)
+            log.info("wrote %d rows to %s", len(rows), out)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rows are written before any rank forgets its progress
+        if progress is not None:
+            progress.unlink(missing_ok=True)
+        return rows
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def natural_split(dataset: str, data_dir: str | None, download: bool, subset: int,
+                  image_size: int | None) -> tuple[Dataset, DatasetInfo]:
+    """The data set's evaluation split (test; val for ImageNet layouts), as its registry entry names it."""
+    return build_dataset(dataset, eval_split(dataset), data_dir=data_dir, download=download, subset=subset,
+                         image_size=image_size)
+
+
+def results_path(config: AttackConfig) -> Path:
+    """--out, or results.csv in the run folder (the checkpoint file's folder), or ./results.csv for --weights."""
+    if config.out:
+        return Path(config.out)
+    if config.checkpoint:
+        path = Path(config.checkpoint)
+        return (path if path.is_dir() else path.parent) / "results.csv"
+    return Path("results.csv")
+
+
+def load_model(config: AttackConfig, info: DatasetInfo | None = None) -> tuple[nn.Module, Provenance,
+                                                                               DatasetInfo | None, tuple]:
+    """(model, provenance, the checkpoint's DatasetInfo or None, the model's (classes, input shape))."""
+    from robust_enc.checkpoint import load_checkpoint, load_plain_weights, model_from_checkpoint
+    from robust_enc.checkpoint import state_hash
+    from robust_enc.models import ModelSpec, weight_norms
+
+    if bool(config.checkpoint) == bool(config.model or config.weights):
+        raise UserError("give either --checkpoint RUN_OR_FILE or --model NAME --weights PATH")
+    if config.checkpoint:
+        ckpt = load_checkpoint(config.checkpoint)
+        model = model_from_checkpoint(ckpt)
+        metrics = ckpt.metrics or {}
+        wsq = metrics.get("weight_sq_norm")
+        provenance = Provenance(
+            run_id=ckpt.run_id, model=ckpt.spec.name, regularizer=ckpt.spec.regularizer,
+            checkpoint_hash=ckpt.content_hash or state_hash(ckpt.state_dict),
+            train_top1=float(metrics.get("train_top1", math.nan)),
+            weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()))
+        return model, provenance, ckpt.dataset_info, (ckpt.spec.num_classes, tuple(ckpt.spec.input_shape))
+    if not (config.model and config.weights):
+        raise UserError("--model and --weights go together: --model NAME --weights PATH")
+    assert info is not None
+    spec = ModelSpec(config.model, info.num_classes, info.input_shape, info.mean, info.std)
+    model = load_plain_weights(spec, config.weights)
+    provenance = Provenance(run_id=Path(config.weights).stem, model=config.model,
+                            checkpoint_hash=state_hash(model.state_dict()),
+                            weight_sq_norm=sum(weight_norms(model).values()))
+    return model, provenance, None, (info.num_classes, tuple(info.input_shape))
+
+
+def evaluate(config: AttackConfig, *, max_batches: int | None = None,
+             on_batch: OnBatch | None = None) -> list[ResultRow]:
+    """Run ``config``: load the model, build the data, attack, check, append rows to the results file.
+
+    Everything the user can get wrong is checked before the first batch (UserError)."""
+    parse_attacks(config.attacks)
+    parse_eps(config.eps)
+    if config.norm not in art_adapter.NORMS:
+        raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
+    if config.checkpoint:
+        model, provenance, ckpt_info, (classes, shape) = load_model(config)
+        dataset_name = config.dataset or (ckpt_info.name if ckpt_info else "")
+        if not dataset_name:
+            raise UserError("the checkpoint records no data set: pass --dataset")
+    else:
+        dataset_name, ckpt_info = config.dataset or "digits", None
+    image_size = None
+    if config.checkpoint and shape[1] == shape[2]:
+        image_size = int(shape[1])  # image-folder data sets resize to what the model was trained on
+    if config.split:
+        dataset, info = build_dataset(dataset_name, config.split, data_dir=config.data_dir, download=config.download,
+                                      subset=config.subset, image_size=image_size)
+    else:
+        dataset, info = natural_split(dataset_name, config.data_dir, config.download, config.subset, image_size)
+    if not config.checkpoint:
+        model, provenance, _, (classes, shape) = load_model(config, info)
+    if classes != info.num_classes or tuple(shape) != tuple(info.input_shape):
+        raise UserError(f"the model was built for {classes} classes of {tuple(shape)} images, but {info.name} "
+                        f"({info.split}) has {info.num_classes} classes of {tuple(info.input_shape)}: pass the "
+                        "data set the model was trained on (--dataset)")
+    out = results_path(config)
+    if out.suffix not in (".csv", ".json"):
+        raise UserError(f"--out {out} must end in .csv or .json")
+    return run_evaluation(model, dataset, info, config, provenance, out=out, max_batches=max_batches,
+                          on_batch=on_batch)
+
+
+def benchmark(model: nn.Module, dataset: str | Dataset = "digits", *, attacks: Sequence[str] = ("fgsm",),
+              eps: Sequence[float] | str = (1 / 255, 2 / 255, 4 / 255), norm: str = "linf",
+              info: DatasetInfo | None = None, split: str = "", data_dir: str | None = None, subset: int = 0,
+              batch_size: int = 128, device: str = "auto", steps: int | None = None,
+              step_size: float | None = None, random_start: bool = True, restarts: int = 1, seed: int = 0,
+              gbr: bool = False, run_id: str = "model", model_name: str = "", out: str | Path | None = None,
+              on_batch: OnBatch | None = None) -> list[ResultRow]:
+    """RobustBench-style one call: clean, each attack at each eps and their worst case for an ``nn.Module`` taking
+    images in [0, 1] (normalization inside) and returning logits.
+
+    ``dataset``: a registry name (its natural evaluation split unless ``split``) or a Dataset of (x [C, H, W] in
+    [0, 1], label) with its ``info``. The model is moved to ``device`` (and stays there); its train/eval mode,
+    requires_grad flags and ``.grad`` are restored. Rows are returned, and appended to ``out`` when given."""
+    if isinstance(dataset, str):
+        if split:
+            data, info = build_dataset(dataset, split, data_dir=data_dir, subset=subset)
+        else:
+            data, info = natural_split(dataset, data_dir, False, subset, None)
+    else:
+        if info is None:
+            raise UserError("benchmark(model, dataset) with a Dataset object needs its DatasetInfo: info=...")
+        data = dataset
+    from robust_enc.checkpoint import state_hash
+    from robust_enc.models import weight_norms
+
+    config = AttackConfig(dataset=info.name, split=info.split, subset=info.subset, batch_size=batch_size,
+                          device=device, attacks=tuple(attacks), eps=parse_eps(eps), norm=norm, steps=steps,
+                          step_size=step_size, random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
+    provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
+                            checkpoint_hash=state_hash(model.state_dict()),
+                            weight_sq_norm=sum(weight_norms(model).values()))
+    return run_evaluation(model, data, info, config, provenance, out=Path(out) if out else None, on_batch=on_batch)
