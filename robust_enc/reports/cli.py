@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from robust_enc.reports import DEFAULT_FORMATS, TABLES, check_formats, make_report, write_report
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     eps = [part for item in args.eps for part in item.split(",") if part.strip()] if args.eps else None
     report = make_report(args.results, baseline=args.baseline, attack=args.attack, eps=eps, link_base=args.out)
     written = write_report(report, args.out, formats)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe or log keeps the whole table
     console.print(rich_table(report.tables["table3"], "table3", TABLES["table3"]))
     console.print(f"report written to {args.out} ({len(written)} files): {written['index.md']}", soft_wrap=True)
     return 0
