@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from other users
+
+
 def write_atomic(path: str | Path, write: Callable[[IO], None], *, binary: bool = False) -> Path:
     """Call ``write(f)`` on a temporary file in the target folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -19,6 +28,7 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], *, binary: bool 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

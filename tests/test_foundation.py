@@ -254,3 +254,12 @@ def test_cli_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "attack", "gbr", "report", "models", "datasets"):
         assert command in out
+
+
+def test_atomic_write_keeps_ordinary_permissions(tmp_path):
+    from robust_enc.io import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == (0o666 & ~mask)
