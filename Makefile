@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= reports/quick
 
-.PHONY: demo test data bench clean
+.PHONY: demo test data bench clean docs-figures
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,3 +30,7 @@ bench: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) reports runs
+
+# Refresh the README's figures from the last `make demo`.
+docs-figures:
+	cp $(OUT)/report/plots/adv_vs_eps_fgsm_linf.png $(OUT)/report/plots/gbr_epochs.png docs/img/
