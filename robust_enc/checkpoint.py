@@ -119,7 +119,14 @@ def model_from_checkpoint(ckpt: Checkpoint) -> NormalizedModel:
 
 
 def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
-    """A torchvision/timm state dict (keys without our ``net.`` prefix) loaded into the registry model."""
+    """A torchvision/timm state dict (keys without our ``net.`` prefix) loaded into the registry model, or
+    ``weights="pretrained"``: the library's own pretrained weights (downloaded, so the machine must be online)."""
+    if str(weights) == "pretrained":
+        try:
+            return build_model(spec, pretrained=True).eval()
+        except (OSError, RuntimeError) as err:  # urllib/hub errors when offline
+            raise UserError(f"cannot fetch pretrained weights for {spec.name} ({err.__class__.__name__}): the "
+                            "machine must be online; or pass --weights PATH to a downloaded state dict") from None
     weights = Path(weights)
     if not weights.is_file():
         raise UserError(f"weights file {weights} does not exist")

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", default="", help="run folder or checkpoint file")
     model.add_argument("--model", default="", help="model registry name, with --weights (plain state dict)")
-    model.add_argument("--weights", default="", help="torchvision/timm state-dict file for --model")
+    model.add_argument("--weights", default="",
+                       help="torchvision/timm state-dict file for --model, or 'pretrained' (the library's; online)")
     add_data_arguments(parser, default_dataset=None)  # None: the checkpoint's data set
     parser.add_argument("--split", default="", help="data split (default: test, or val where there is no test)")
     add_device_argument(parser)
