@@ -23,7 +23,8 @@ from robust_enc.cli import main
 from robust_enc.errors import UserError
 from robust_enc.models import weight_norms
 from robust_enc.train.distributed import GlobalBatchSampler
-from robust_enc.train.loop import METRIC_COLUMNS, Progress, TrainConfig, lr_factor, train
+from robust_enc.train.loop import Progress, TrainConfig, lr_factor, train
+from robust_enc.train.run_folder import METRIC_COLUMNS
 
 TINY = dict(model="resnet_tiny", dataset="digits", subset=64, val_subset=32, batch_size=32, device="cpu", seed=3)
 

@@ -16,7 +16,6 @@ restored on resume, so on the CPU a run stopped after epoch k and resumed ends b
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
 import json
@@ -36,28 +35,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from robust_enc.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, load_state_strict, \
-    model_from_checkpoint, save_checkpoint
+from robust_enc.checkpoint import (
+    CHECKPOINT_NAME,
+    load_state_strict,
+    save_checkpoint,
+)
 from robust_enc.config import config_to_dict
 from robust_enc.data import DATASETS, build_dataset, build_loader, collate_readable, eval_split
 from robust_enc.errors import UserError
-from robust_enc.io import write_atomic, write_text_atomic
+from robust_enc.io import write_text_atomic
 from robust_enc.models import MODELS, ModelSpec, build_model, weight_norms
 from robust_enc.train import distributed as D
-from robust_enc.train.regularizers import bake_model, build_recipe, canonical_spec, export_spec, run_name
+from robust_enc.train.regularizers import build_recipe, canonical_spec, run_name
+from robust_enc.train.run_folder import _decide_on_rank0, finish_run, write_metrics
 
 log = logging.getLogger(__name__)
 
 NAN = float("nan")
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOP5_MIN_CLASSES = 11  # as in results.py: top-5 of 10 or fewer classes says little, so it is NaN there
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "weight_sq_norm", "gbr",
-                  "gbr_stderr", "wall_s", "samples_seen", "images_per_s")  # then one "norm:<layer>" per conv/linear
 # Short data set names for run ids; others are used as given (made filesystem-safe).
 DATASET_SHORT = {"fashion-mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "imagenet": "in1k"}
-# Settings that say how a run is executed, not what it computes: they may differ between a run and its resumption.
-RUN_ONLY_FIELDS = frozenset({"data_dir", "download", "device", "workers", "out_dir", "resume", "export", "compile",
-                             "channels_last"})
 
 
 @dataclass(frozen=True)
@@ -339,95 +337,6 @@ def _stream_seed(seed: int, *parts: int) -> int:
     for part in parts:
         seed = (seed * 1_000_003 + part + 1) % 2**63
     return seed
-
-
-# ------------------------------------------------------------------------------------------------ run folder
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    keys = (set(old) | set(new)) - RUN_ONLY_FIELDS
-    return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
-
-
-def _previous_run(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint | None]:
-    """What the run folder holds: ("fresh", None), ("finished", ckpt) or ("resume", ckpt). Raises UserError for a
-    folder holding another run, or an unfinished one without ``resume``."""
-    config_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT_NAME
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    if ckpt is not None:
-        old = ckpt.config
-    elif config_path.is_file():
-        old = json.loads(config_path.read_text())
-    else:
-        return "fresh", None
-    diff = _differences(old, config_to_dict(config))
-    done = int(ckpt.extra.get("epoch", 0)) if ckpt is not None else 0
-    # The one change resume accepts: more epochs (the schedule is recomputed for the new total).
-    extending = config.resume and set(diff) == {"epochs"} and config.epochs > done
-    if diff and not extending:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:4])
-        raise UserError(f"{run_dir} holds a different run ({shown}); choose another --run-id or --out-dir, or delete "
-                        "the folder")
-    if ckpt is None:  # stopped before its first epoch ended: nothing to keep
-        return "fresh", None
-    if done >= config.epochs:
-        return "finished", ckpt
-    if not config.resume:
-        raise UserError(f"{run_dir} holds an unfinished run ({done}/{config.epochs} epochs): pass --resume to "
-                        "continue it, or delete the folder to start again")
-    return "resume", ckpt
-
-
-def _decide_on_rank0(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint | None]:
-    """Rank 0 reads the folder; every rank learns the decision (or the same UserError, so none is left waiting).
-    The checkpoint itself stays on rank 0."""
-    decision, ckpt = ("fresh", ""), None
-    if D.is_main():
-        try:
-            kind, ckpt = _previous_run(run_dir, config)
-            decision = (kind, "")
-        except UserError as err:
-            decision = ("error", str(err))
-    kind, message = D.broadcast_object(decision)
-    if kind == "error":
-        raise UserError(message)
-    return kind, ckpt
-
-
-def _nan_to_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """metrics.csv: METRIC_COLUMNS, then the norm:<layer> columns in module order; NaN as an empty cell."""
-    columns = list(METRIC_COLUMNS) + [k for k in rows[0] if k.startswith("norm:")]
-
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if _nan_to_none(row[k]) is None else row[k]) for k in columns})
-
-    return write_atomic(path, write)
-
-
-def finish_run(run_dir: Path, config: TrainConfig) -> Path:
-    """Write model_card.json (and exported.pt when asked) from the final checkpoint; idempotent."""
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    last = ckpt.metrics
-    card = {"run_id": ckpt.run_id, "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer,
-            "dataset": config.dataset, "subset": config.subset, "epochs": int(ckpt.extra.get("epoch", 0)),
-            **{k: _nan_to_none(last.get(k, NAN)) for k in ("val_top1", "val_top5", "train_top1", "train_loss", "gbr",
-                                                          "gbr_stderr", "weight_sq_norm")},
-            "checkpoint_hash": ckpt.content_hash, "world_size": ckpt.extra.get("world_size", 1),
-            "wall_s": sum(row["wall_s"] for row in ckpt.extra.get("history", [])),
-            "config": config_to_dict(config), "versions": ckpt.versions}
-    if config.export:
-        exported = run_dir / "exported.pt"
-        spec = dataclasses.replace(ckpt.spec, regularizer=export_spec(ckpt.spec.regularizer))
-        card["exported_hash"] = save_checkpoint(exported, bake_model(model_from_checkpoint(ckpt)), spec,
-                                                run_id=ckpt.run_id, dataset_info=ckpt.dataset_info,
-                                                config=ckpt.config, metrics=ckpt.metrics)
-    write_text_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, allow_nan=False) + "\n")
-    return run_dir
 
 
 # ------------------------------------------------------------------------------------------------ train
