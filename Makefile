@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/robust-enc reproduce --preset quick --out $(OUT)
 
 test: $(STAMP) data
+	$(VENV)/bin/ruff check --no-cache robust_enc tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP) data

@@ -250,7 +250,8 @@ def _image_folder_transform(train: bool, image_size: int) -> Callable:
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
 
 
-@DATASETS.register("imagenet", eval_split="val", help="ImageNet train/ and val/ ImageFolder layouts under --data-dir (val/<wnid>/*.JPEG)")
+@DATASETS.register("imagenet", eval_split="val",
+                   help="ImageNet train/ and val/ ImageFolder layouts under --data-dir (val/<wnid>/*.JPEG)")
 def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = False, image_size: int | None = None,
                    **_: Any) -> tuple[Dataset, DatasetInfo]:
     if not data_dir:
@@ -262,7 +263,8 @@ def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = F
                              len(data), class_names=classes)
 
 
-@DATASETS.register("folder", takes_argument=True, eval_split="val", help="any ImageFolder: folder:PATH (PATH/<class>/<image>)")
+@DATASETS.register("folder", takes_argument=True, eval_split="val",
+                   help="any ImageFolder: folder:PATH (PATH/<class>/<image>)")
 def build_folder(split: str, *, argument: str, augment: bool = False, image_size: int | None = None,
                  **_: Any) -> tuple[Dataset, DatasetInfo]:
     root = Path(argument)

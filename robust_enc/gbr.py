@@ -278,7 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("model")
     source.add_argument("--checkpoint", default=None, help="run folder or robust-enc checkpoint file")
     source.add_argument("--model", default=None, help="model registry name, with --weights (plain state dict)")
-    source.add_argument("--weights", default=None, help="plain torchvision/timm state dict file, with --model, or 'pretrained' (online)")
+    source.add_argument("--weights", default=None,
+                        help="plain torchvision/timm state dict file, with --model, or 'pretrained' (online)")
     add_data_arguments(parser, default_dataset=None)  # default: the checkpoint's data set
     parser.add_argument("--split", default="test", help="data set split (default: test)")
     gbr = parser.add_argument_group("gbr")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources

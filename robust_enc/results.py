@@ -92,7 +92,8 @@ class ResultRow:
             value = getattr(self, name)
             if not math.isnan(value) and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value} is not a fraction in [0, 1]")
-        if not math.isnan(self.adv_top1) and not math.isnan(self.clean_top1) and self.adv_top1 > self.clean_top1 + 1e-12:
+        both = not math.isnan(self.adv_top1) and not math.isnan(self.clean_top1)
+        if both and self.adv_top1 > self.clean_top1 + 1e-12:
             raise ValueError(f"adv_top1 {self.adv_top1} > clean_top1 {self.clean_top1}")
 
     def key(self) -> tuple:

@@ -10,8 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from robust_enc.checkpoint import (load_checkpoint, load_plain_weights, model_from_checkpoint, save_checkpoint,
-                                   state_hash)
+from robust_enc.checkpoint import (
+    load_checkpoint,
+    load_plain_weights,
+    model_from_checkpoint,
+    save_checkpoint,
+    state_hash,
+)
 from robust_enc.cli import main
 from robust_enc.data import DATASETS, balanced_subset_indices, build_dataset, build_loader, unreadable_count
 from robust_enc.errors import UserError

@@ -19,8 +19,7 @@ from scipy import stats
 
 from robust_enc.cli import main
 from robust_enc.errors import UserError
-from robust_enc.reports import build_report, load_inputs, merge_rows, parse_eps
-from robust_enc.reports import tables
+from robust_enc.reports import build_report, load_inputs, merge_rows, parse_eps, tables
 from robust_enc.reports.render import format_eps, render_table
 from robust_enc.results import ResultRow, write_results
 

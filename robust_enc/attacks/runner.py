@@ -403,8 +403,7 @@ def results_path(config: AttackConfig) -> Path:
 def load_model(config: AttackConfig, info: DatasetInfo | None = None) -> tuple[nn.Module, Provenance,
                                                                                DatasetInfo | None, tuple]:
     """(model, provenance, the checkpoint's DatasetInfo or None, the model's (classes, input shape))."""
-    from robust_enc.checkpoint import load_checkpoint, load_plain_weights, model_from_checkpoint
-    from robust_enc.checkpoint import state_hash
+    from robust_enc.checkpoint import load_checkpoint, load_plain_weights, model_from_checkpoint, state_hash
     from robust_enc.models import ModelSpec, weight_norms
 
     if bool(config.checkpoint) == bool(config.model or config.weights):
