@@ -259,6 +259,9 @@ def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
             for x, y in batches:
                 if len(x) == 0:  # a batch whose images were all unreadable
                     continue
+                if train_mode and len(x) == 1:  # train-mode BN needs batch statistics of two or more examples
+                    raise UserError("train-mode GBR got a batch of 1 example (BatchNorm needs >= 2): choose a "
+                                    "--batch-size or --subset that leaves no single-example last batch")
                 values, ran = _per_example(model, x.to(device), y.to(device) if y is not None else None, fn, method,
                                            probes, max_exact_classes, generator)
                 chunks.append(values)

@@ -336,3 +336,16 @@ def test_cli_model_without_weights_or_dataset(gbr_cli, run_dir, capsys) -> None:
     assert "--weights" in capsys.readouterr().err
     assert gbr_cli(["gbr", "--model", "resnet_tiny", "--weights", str(run_dir / "plain_weights.pt")]) == 2
     assert "needs --dataset" in capsys.readouterr().err
+
+
+def test_train_mode_with_a_single_example_batch_is_a_user_error():
+    from robust_enc.errors import UserError
+    from robust_enc.gbr import measure_gbr
+    from robust_enc.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec("resnet_tiny", 10, (1, 8, 8), (0.5,), (0.25,)))
+    x = torch.rand(3, 1, 8, 8)
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(UserError, match="batch of 1"):
+        measure_gbr(model, [(x[:2], y[:2]), (x[2:], y[2:])], train_mode=True)
+    assert model.training  # state restored after the error
