@@ -11,14 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robust_enc.errors import UserError
+
+if TYPE_CHECKING:
+    from robust_enc.reports import Report
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +46,36 @@ class Preset:
 def load_preset(name_or_path: str) -> Preset:
     """A shipped preset by name, or a JSON file of the same shape."""
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.is_file():
-        text, name = path.read_text(), path.stem
-    elif name_or_path in PRESET_NAMES:
-        text, name = resources.files("robust_enc.presets").joinpath(f"{name_or_path}.json").read_text(), name_or_path
-    else:
-        raise UserError(f"unknown preset {name_or_path!r}: use one of {', '.join(PRESET_NAMES)} or a .json file")
+    try:
+        if path.suffix == ".json" and path.is_file():
+            text, name = path.read_text(encoding="utf-8"), path.stem
+        elif name_or_path in PRESET_NAMES:
+            text = resources.files("robust_enc.presets").joinpath(f"{name_or_path}.json").read_text(encoding="utf-8")
+            name = name_or_path
+        else:
+            raise UserError(f"unknown preset {name_or_path!r}: use one of {', '.join(PRESET_NAMES)} or a .json file")
+    except UnicodeDecodeError as err:
+        raise UserError(f"preset {name_or_path}: not a UTF-8 text file ({err.reason})") from None
     try:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise UserError(f"preset {name}: must be a JSON object with keys rows, model, dataset, ...")
         known = set(Preset.__dataclass_fields__) - {"name"}
         unknown = set(data) - known
         if unknown:
             raise UserError(f"preset {name}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        data["rows"], data["seeds"] = tuple(data["rows"]), tuple(int(s) for s in data.get("seeds", [0]))
+        # A bare string would be split into characters by tuple(): "baseline" -> 'b', 'a', ...
+        for key, example in (("rows", '["baseline", "enc"]'), ("seeds", "[0, 1, 2]")):
+            if key in data and not isinstance(data[key], list):
+                raise UserError(f"preset {name}: \"{key}\" must be a list, e.g. {example}; got {data[key]!r}")
+        if not all(isinstance(r, str) and r.strip() for r in data["rows"]):
+            raise UserError(f"preset {name}: \"rows\" must be regularizer specs (strings), got {data['rows']!r}")
+        try:
+            seeds = tuple(int(s) for s in data.get("seeds", [0]))
+        except (TypeError, ValueError):
+            raise UserError(f"preset {name}: \"seeds\" must be integers, e.g. [0, 1, 2]; "
+                            f"got {data['seeds']!r}") from None
+        data["rows"], data["seeds"] = tuple(data["rows"]), seeds
         return Preset(name=name, **data)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"preset {name} is malformed ({err.__class__.__name__}: {err})") from None
@@ -89,27 +111,52 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
 
 
 def _attack_done(attack_config: Any) -> bool:
-    """Every (attack, eps) row of this config is already in the run's results for the current checkpoint."""
+    """Every row this config would write is already in the run's results for the current checkpoint: the same
+    attacks, eps, norm, steps, step size and restarts (as the attack registry resolves them), subset and seed, with a
+    finite GBR when the config measures it. Rows of another config (a PGD-3 sweep when PGD-10 is asked) do not
+    count."""
+    from robust_enc.attacks.registry import ATTACKS, parse_eps
     from robust_enc.checkpoint import load_checkpoint
     from robust_enc.results import read_results
 
     results = Path(attack_config.out)
     if not results.is_file():
         return False
-    ckpt_hash = load_checkpoint(attack_config.checkpoint).content_hash
-    have = {(r.attack, round(r.eps, 9)) for r in read_results(results)
-            if r.checkpoint_hash == ckpt_hash and r.subset == attack_config.subset}
-    want = {(a, round(e, 9)) for a in attack_config.attacks for e in attack_config.eps} | {("none", 0.0)}
+    ckpt = load_checkpoint(attack_config.checkpoint)
+    settings = attack_config.settings()
+    plans = [ATTACKS.get(a).plan(a, settings, ckpt.spec.num_classes) for a in attack_config.attacks]
+    eps = parse_eps(attack_config.eps)
+
+    def threat(attack: str, norm: str, e: float, steps: int = 0, step_size: float = 0.0, restarts: int = 0) -> tuple:
+        return attack, norm, round(e, 9), steps, round(step_size, 9), restarts
+
+    want = {threat("none", "none", 0.0)}
+    want |= {threat(p.name, p.norm, e, p.steps, p.step_size_at(e) if e > 0 else 0.0, p.restarts)
+             for p in plans for e in eps}
+    if len(plans) > 1:  # the per-example worst case over the attacks
+        want |= {threat("worst", attack_config.norm, e) for e in eps}
+    have = {threat(r.attack, r.norm, r.eps, r.steps, r.step_size, r.restarts) for r in read_results(results)
+            if r.checkpoint_hash == ckpt.content_hash and r.subset == attack_config.subset
+            and r.seed == attack_config.seed and (not attack_config.gbr or math.isfinite(r.gbr))}
     return want <= have
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun, and any plain run: the one process that writes and prints the report. train and
+    attack leave the process group when they return, so once it is gone the rank torchrun set decides."""
+    from robust_enc.train.distributed import is_distributed, is_main
+
+    return is_main() if is_distributed() else int(os.environ.get("RANK", "0")) == 0
+
+
 def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir: str | None = None,
-              epochs: int | None = None, workers: int | None = None) -> dict[str, Path]:
+              epochs: int | None = None, workers: int | None = None) -> tuple[Report | None, dict[str, Path]]:
     """Train, attack and measure every row x seed of ``preset`` under ``out``, then write the report to
-    ``out/report``. Finished trainings and attacks are skipped, so an interrupted study resumes. Returns the report's
-    files."""
+    ``out/report`` (Table 3 rows in the preset's order). Finished trainings and attacks are skipped, so an
+    interrupted study resumes. Returns the report and its files; (None, {}) on the other ranks under torchrun, where
+    only rank 0 writes the report."""
     from robust_enc.attacks.runner import evaluate
-    from robust_enc.reports import build_report
+    from robust_enc.reports import make_report, write_report
     from robust_enc.train.loop import train
 
     out = Path(out)
@@ -123,7 +170,11 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
         else:
             evaluate(attack_config)
     log.warning("trained and attacked %d models in %.0f s", len(pairs), time.perf_counter() - start)
-    return build_report([out / "runs"], out / "report", baseline=preset.report.get("baseline"))
+    if not _is_main_process():
+        return None, {}
+    report = make_report([out / "runs"], baseline=preset.report.get("baseline"), link_base=out / "report",
+                         order=preset.rows)
+    return report, write_report(report, out / "report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,9 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from robust_enc.reports import make_report
     from robust_enc.reports.render import rich_table
-    from robust_enc.reports.tables import select_threats
+    from robust_enc.reports.tables import select_threats, threat_columns
 
     preset = load_preset(args.preset)
     if args.seeds:
@@ -162,15 +212,18 @@ def run(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, rows=rows)
     out = args.out or Path("reports") / preset.name
     plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
-    console = Console(stderr=True)
-    console.print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
-    written = reproduce(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs,
-                        workers=args.workers)
+    if _is_main_process():
+        Console(stderr=True).print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
+    report, written = reproduce(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs,
+                                workers=args.workers)
+    if report is None:  # not rank 0: that one prints
+        return 0
     # The terminal gets the paper's view: FGSM (Table 3's attack) at every eps; the report has every attack.
-    report = make_report([out / "runs"], baseline=preset.report.get("baseline"))
-    view = select_threats(report.full_table3, attack="fgsm")
+    fgsm = any(t.attack == "fgsm" for _, t in threat_columns(report.full_table3))
+    view = select_threats(report.full_table3, attack="fgsm") if fgsm else report.tables["table3"]
     Console(width=None if sys.stdout.isatty() else 200).print(
-        rich_table(view, "table3", "Table 3 view: clean and FGSM top-1 (%), difference to the baseline, GBR"))
+        rich_table(view, "table3", f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), "
+                                   "difference to the baseline, GBR"))
     print(f"report: {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
           f"plots: {out / 'report' / 'plots'})")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,8 @@ from typing import Any
 
 from robust_enc.errors import UserError
 from robust_enc.io import write_atomic
+
+log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "robust-enc/results"
 SCHEMA_VERSION = 1
@@ -119,6 +122,9 @@ def _coerce(name: str, text: Any) -> Any:
 
 
 def row_from_dict(data: dict[str, Any], *, source: str = "results") -> ResultRow:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a results row must be an object of column -> value, got {type(data).__name__} "
+                        f"{str(data)[:40]!r}; re-create the file with robust-enc")
     missing = [n for n in FIELD_NAMES if n not in data]
     extra = [n for n in data if n not in _FIELD_TYPES]
     if missing or extra:
@@ -141,8 +147,9 @@ def write_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
     path = Path(path)
     rows = list(rows)
     if path.suffix == ".json":
+        # JSON has no NaN or inf: both become null (read back as NaN).
         payload = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION,
-                   "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                   "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                              for k, v in r.to_dict().items()} for r in rows]}
         return write_atomic(path, lambda f: json.dump(payload, f, indent=1, allow_nan=False))
 
@@ -160,9 +167,17 @@ def read_results(path: str | Path) -> list[ResultRow]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"results file {path} does not exist")
+    try:
+        return _read_results(path)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); results files are "
+                        "UTF-8 CSV or JSON") from None
+
+
+def _read_results(path: Path) -> list[ResultRow]:
     if path.suffix == ".json":
         try:
-            payload = json.loads(path.read_text())
+            payload = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_NAME:
@@ -170,7 +185,10 @@ def read_results(path: str | Path) -> list[ResultRow]:
         if payload.get("version") != SCHEMA_VERSION:
             raise UserError(f"{path}: results schema v{payload.get('version')}, this robust-enc reads "
                             f"v{SCHEMA_VERSION}; re-create the file")
-        return [row_from_dict(d, source=str(path)) for d in payload.get("rows", [])]
+        rows = payload.get("rows", [])
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: \"rows\" must be a list of row objects, got {type(rows).__name__}")
+        return [row_from_dict(d, source=str(path)) for d in rows]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != FIELD_NAMES:
@@ -180,9 +198,21 @@ def read_results(path: str | Path) -> list[ResultRow]:
 
 
 def append_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
-    """Add rows to a results file atomically (read, extend, rewrite), replacing rows with the same key."""
+    """Add rows to a results file atomically (read, extend, rewrite), replacing rows with the same key and the rows
+    of earlier checkpoints of the same run (a retrained run: its old checkpoint is gone, and its rows would count as
+    another seed in the report)."""
     path = Path(path)
     new = list(rows)
     old = read_results(path) if path.exists() else []
     new_keys = {r.key() for r in new}
-    return write_results(path, [r for r in old if r.key() not in new_keys] + new)
+    current = {(r.run_id, r.dataset): r.checkpoint_hash for r in new if r.checkpoint_hash}
+
+    def stale(r: ResultRow) -> bool:
+        return bool(r.checkpoint_hash) and current.get((r.run_id, r.dataset), r.checkpoint_hash) != r.checkpoint_hash
+
+    dropped = [r for r in old if stale(r)]
+    if dropped:
+        log.warning("%s: replaced %d rows of earlier checkpoint(s) %s of %s", path, len(dropped),
+                    ", ".join(sorted({r.checkpoint_hash for r in dropped})),
+                    ", ".join(sorted({r.run_id for r in dropped})))
+    return write_results(path, [r for r in old if r.key() not in new_keys and not stale(r)] + new)

@@ -21,7 +21,7 @@ from robust_enc.cli import main
 from robust_enc.errors import UserError
 from robust_enc.reports import build_report, load_inputs, merge_rows, parse_eps, tables
 from robust_enc.reports.render import format_eps, render_table
-from robust_enc.results import ResultRow, write_results
+from robust_enc.results import ResultRow, append_results, read_results, write_results
 
 GOLDEN = Path(__file__).parent / "golden"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,8 +81,8 @@ def _write_run(folder: Path, run_id: str, regularizer: str, rows: list[ResultRow
 
 # ------------------------------------------------------------------ Table 3 view
 def test_table3_view_matches_golden_and_paper_differences():
-    table = tables.table3(tables.results_frame(_paper_rows()))
-    assert list(table["label"]) == [p[0] for p in PAPER]  # baseline first, then input order
+    table = tables.table3(tables.results_frame(_paper_rows()), order=[p[1] for p in PAPER])
+    assert list(table["label"]) == [p[0] for p in PAPER]  # baseline first, then the given (the paper's) order
     assert table["is_baseline"].tolist() == [True, False, False, False]
     fgsm8 = tables.Threat("fgsm", "linf", 8 / 255).column
     assert table[fgsm8].tolist() == [p[3] for p in PAPER]  # fractions, not percent
@@ -142,6 +142,22 @@ def test_one_run_id_on_two_data_sets_gives_two_labelled_rows_with_their_own_base
     assert "| Data set |" in render_table(table, "table3", "md")
 
 
+def test_row_order_baseline_first_then_given_order_else_sorted():
+    frame = tables.results_frame(list(reversed(_paper_rows())))  # read in any order, e.g. alphabetical folders
+    assert list(tables.table3(frame)["label"]) == ["r50-baseline", "r50-cutmix", "r50-enc", "r50-ls"]
+    # A preset's rows as written ("ls", "enc"): matched through the regularizer registry; rows not named come last.
+    assert list(tables.table3(frame, order=["ls", "enc"])["label"]) == ["r50-baseline", "r50-ls", "r50-enc",
+                                                                        "r50-cutmix"]
+
+
+def test_seed_suffix_of_default_run_ids_with_a_subset_is_grouped():
+    rows = [_row(f"resnet_tiny-digits-enc-s{seed}-n100", "enc", clean=0.5 + seed / 10, model="resnet_tiny",
+                 dataset="digits") for seed in range(2)]
+    table = tables.table3(tables.results_frame(rows))
+    assert table["label"].tolist() == ["resnet_tiny-digits-enc-n100"] and table["n_seeds"].tolist() == [2]
+    assert not any("grouped as seeds" in n for n in table.attrs["notes"])
+
+
 # ------------------------------------------------------------------ baseline handling
 def test_missing_baseline_gives_table_without_differences_and_a_note(caplog):
     rows = [r for r in _paper_rows() if r.regularizer != "baseline"]
@@ -162,6 +178,19 @@ def test_named_baseline_by_regularizer_or_run_id_and_unknown_name():
     assert clean_delta["r50-baseline"] == pytest.approx(0.7654 - 0.7657)
     with pytest.raises(UserError, match="--baseline 'dropout' names no run id or regularizer"):
         tables.table3(frame, baseline="dropout")
+
+
+@pytest.mark.parametrize("name", ["cutmix", "cutmix:prob=1.0", "cutmix:alpha=1.0,prob=1.0"])
+def test_named_baseline_matches_the_canonical_specs_that_real_results_record(name):
+    """train and attack write the canonical spec ("cutmix:alpha=1.0,prob=1.0"); users type the short name."""
+    from robust_enc.train.regularizers import canonical_spec
+
+    rows = [ResultRow(**{**r.to_dict(), "regularizer": canonical_spec(r.regularizer)}) for r in _paper_rows()]
+    table = tables.table3(tables.results_frame(rows), baseline=name)
+    assert table["label"].iloc[0] == "r50-cutmix" and table["is_baseline"].sum() == 1
+    assert table["regularizer"].iloc[0] == "cutmix:alpha=1.0,prob=1.0"
+    default = tables.table3(tables.results_frame(rows))
+    assert default["label"].iloc[0] == "r50-baseline" and "clean_top1:delta" in default
 
 
 # ------------------------------------------------------------------ leaderboard
@@ -203,7 +232,12 @@ def test_correlation_matches_scipy_on_known_data():
     assert corr.loc[column, "spearman_rho"] == pytest.approx(spearman.statistic, abs=1e-12)
     assert corr.loc[column, "spearman_p"] == pytest.approx(spearman.pvalue, rel=1e-9)
     gap = train - np.array([0.8 - i * 0.01 for i in range(6)])
-    assert corr.loc["gen_gap", "pearson_r"] == pytest.approx(stats.pearsonr(gbr, gap).statistic, abs=1e-12)
+    for name, y in [("gen_gap", gap), ("clean_top1", np.array([0.8 - i * 0.01 for i in range(6)]))]:
+        pearson, spearman = stats.pearsonr(gbr, y), stats.spearmanr(gbr, y)
+        assert corr.loc[name, "pearson_r"] == pytest.approx(pearson.statistic, abs=1e-12)
+        assert corr.loc[name, "pearson_p"] == pytest.approx(pearson.pvalue, rel=1e-9)
+        assert corr.loc[name, "spearman_rho"] == pytest.approx(spearman.statistic, abs=1e-12)
+        assert corr.loc[name, "spearman_p"] == pytest.approx(spearman.pvalue, rel=1e-9)
     assert corr.loc[column, "pearson_r"] < -0.9  # the synthetic data were built with a strong negative relation
     constant = tables.table3(tables.results_frame([r for r in rows if r.attack == "none"]))
     constant["clean_top1"] = [0.1 + 0.2] + [0.3] * (len(constant) - 1)  # float noise (5.6e-17) is not a spread
@@ -247,6 +281,59 @@ def test_exact_duplicates_merge_and_conflicts_keep_newest(tmp_path, caplog):
     assert "conflicting duplicate rows" in out["index.md"].read_text()
 
 
+def _run_rows(run_id: str, checkpoint_hash: str, clean: float, created_at: str = STAMP) -> list[ResultRow]:
+    return [_row(run_id, "enc", clean=clean, checkpoint_hash=checkpoint_hash, created_at=created_at),
+            _row(run_id, "enc", "fgsm", 8 / 255, clean=clean, adv=clean / 2, checkpoint_hash=checkpoint_hash,
+                 created_at=created_at)]
+
+
+def test_rows_of_a_retrained_runs_earlier_checkpoint_are_not_counted_as_seeds(tmp_path):
+    """``reproduce --epochs 2`` after ``--epochs 1``: the run's results.csv holds rows of both checkpoints."""
+    root = tmp_path / "runs"
+    # The model card names the current checkpoint; it wins even over older rows written later (a clock skew).
+    rows = _run_rows("r-enc-s0", "old", 0.5, "2025-03-01T00:00:00+00:00") + _run_rows("r-enc-s0", "new", 0.7)
+    _write_run(root / "r-enc-s0", "r-enc-s0", "enc", rows, [2.0], checkpoint_hash="new")
+    _write_run(root / "r-enc-s1", "r-enc-s1", "enc", _run_rows("r-enc-s1", "h1", 0.6), [2.0], checkpoint_hash="h1")
+    data = load_inputs([root])
+    assert {(r.run_id, r.checkpoint_hash) for r in data.rows} == {("r-enc-s0", "new"), ("r-enc-s1", "h1")}
+    assert any("earlier checkpoint(s) old left out" in n for n in data.notes)
+    table = tables.table3(tables.results_frame(data.rows))
+    assert table["n_seeds"].tolist() == [2] and table["clean_top1"].iloc[0] == pytest.approx(0.65)
+    # A results file without a model card: the newest checkpoint by created_at.
+    write_results(tmp_path / "one.csv", rows)
+    data = load_inputs([tmp_path / "one.csv"])
+    assert {r.checkpoint_hash for r in data.rows} == {"old"} and len(data.notes) == 1
+
+
+def test_one_run_id_with_two_checkpoints_on_two_machines_is_a_conflict_not_two_seeds(tmp_path):
+    write_results(tmp_path / "machine_a.csv", _run_rows("r-enc-s0", "aaa", 0.5))
+    write_results(tmp_path / "machine_b.csv", _run_rows("r-enc-s0", "bbb", 0.7, "2025-02-01T00:00:00+00:00"))
+    # Also a duplicate row that differs only in GBR: a conflicting measurement.
+    gbr_rows = [_row("r-ls", "ls", clean=0.6, gbr=gbr, checkpoint_hash="ls1") for gbr in (10.0, 12.0)]
+    write_results(tmp_path / "gbr_a.csv", gbr_rows[:1])
+    write_results(tmp_path / "gbr_b.csv", gbr_rows[1:])
+    inputs = [tmp_path / name for name in ("machine_a.csv", "machine_b.csv", "gbr_a.csv", "gbr_b.csv")]
+    data = load_inputs(inputs)
+    assert {r.checkpoint_hash for r in data.rows if r.run_id == "r-enc-s0"} == {"bbb"}
+    assert any(n.startswith("conflict: run id r-enc-s0") and "machine_a.csv" in n for n in data.notes)
+    assert len(data.conflicts) == 1 and data.conflicts[0].kept.gbr == 12.0  # read last on a tie of created_at
+    assert tables.table3(tables.results_frame(data.rows)).set_index("label")["n_seeds"].to_dict() == {
+        "r-enc-s0": 1, "r-ls": 1}
+    written = build_report(inputs, tmp_path / "report")
+    for name in ("table3.json", "leaderboard.json", "correlation.json"):  # every JSON file carries them
+        notes = json.loads(written[name].read_text())["notes"]
+        assert any(n.startswith("conflict: run id r-enc-s0") for n in notes), name
+        assert any("conflicting duplicate rows" in n and "gbr=10" in n for n in notes), name
+
+
+def test_append_results_replaces_the_rows_of_an_earlier_checkpoint(tmp_path):
+    path = tmp_path / "results.csv"
+    append_results(path, _run_rows("r-enc-s0", "old", 0.5) + _run_rows("r-enc-s1", "h1", 0.6))
+    append_results(path, _run_rows("r-enc-s0", "new", 0.7)[:1])
+    assert sorted((r.run_id, r.checkpoint_hash, r.attack) for r in read_results(path)) == [
+        ("r-enc-s0", "new", "none"), ("r-enc-s1", "h1", "fgsm"), ("r-enc-s1", "h1", "none")]
+
+
 def test_merge_rows_tie_on_created_at_keeps_the_row_read_last():
     first = _row("r", "baseline", "fgsm", 8 / 255, clean=0.9, adv=0.3)
     second = ResultRow(**{**first.to_dict(), "adv_top1": 0.2})
@@ -263,8 +350,9 @@ def _study(tmp_path: Path) -> Path:
                 _row(run_id, reg, "fgsm", 2 / 255, clean=clean, adv=(clean + fgsm8) / 2, checkpoint_hash=f"hash{i}"),
                 _row(run_id, reg, "fgsm", 8 / 255, clean=clean, adv=fgsm8, checkpoint_hash=f"hash{i}")]
         machine = "machine_a" if i % 2 else "machine_b"
-        _write_run(root / machine / "out" / run_id, run_id, reg, rows, [gbr * 4, gbr * 2, gbr],
-                   checkpoint_hash=f"hash{i}")
+        folder = _write_run(root / machine / "out" / run_id, run_id, reg, rows, [gbr * 4, gbr * 2, gbr],
+                            checkpoint_hash=f"hash{i}")
+        (folder / "checkpoint.pt").write_bytes(b"")  # only its path is reported
     return root
 
 
@@ -295,6 +383,12 @@ def test_build_report_from_run_folders_writes_tables_plots_and_index(tmp_path):
     first = board["rows"][0]
     assert first["run_id"] == "r50-cutmix" and first["checkpoint_hash"] == "hash2"
     assert (out / first["model_card"]).resolve() == (tmp_path / "runs/machine_b/out/r50-cutmix/model_card.json")
+    assert (out / first["checkpoint"]).resolve() == (tmp_path / "runs/machine_b/out/r50-cutmix/checkpoint.pt")
+    # The HTML leaderboard links each model card; the checkpoint file sits beside its hash.
+    board_html = written["leaderboard.html"].read_text()
+    assert f'<a href="{first["model_card"]}">card</a>' in board_html and "&lt;a" not in board_html
+    assert "<th>Checkpoint file</th>" in board_html and first["checkpoint"] in board_html
+    assert f"[card]({first['model_card']})" in written["leaderboard.md"].read_text()
     index = written["index.md"].read_text()
     for name in ("table3.md", "leaderboard.csv", "plots/gbr_epochs.png", "29.87 (+12.33)"):
         assert name in index
@@ -381,6 +475,56 @@ def test_cli_report_on_a_folder_of_run_folders(tmp_path, capsys, monkeypatch):
                  "plots/gbr_epochs.png"):
         assert (out / name).is_file(), name
     assert not (out / "table3.json").exists()
+
+
+def _bad_json_rows(tmp_path: Path) -> list[str]:
+    (tmp_path / "r.json").write_text(json.dumps({"schema": "robust-enc/results", "version": 1, "rows": [1]}))
+    return ["report", str(tmp_path / "r.json"), "--out", str(tmp_path / "report")]
+
+
+def _non_utf8(tmp_path: Path) -> list[str]:
+    (tmp_path / "r.csv").write_bytes(b"\xff\xfe" + "run_id".encode("utf-16-le"))
+    return ["report", str(tmp_path / "r.csv"), "--out", str(tmp_path / "report")]
+
+
+def _out_is_a_file(tmp_path: Path) -> list[str]:
+    write_results(tmp_path / "r.csv", _paper_rows())
+    (tmp_path / "taken").write_text("not a folder")
+    return ["report", str(tmp_path / "r.csv"), "--out", str(tmp_path / "taken")]
+
+
+def _preset(tmp_path: Path, **changes) -> list[str]:
+    preset = {"description": "x", "model": "resnet_tiny", "dataset": "digits", "rows": ["baseline"], **changes}
+    (tmp_path / "p.json").write_text(json.dumps(preset))
+    return ["reproduce", "--preset", str(tmp_path / "p.json"), "--out", str(tmp_path / "study")]
+
+
+@pytest.mark.parametrize("make_argv, message", [
+    (_bad_json_rows, "a results row must be an object"),
+    (_non_utf8, "not a UTF-8 text file"),
+    (_out_is_a_file, "is a file, not a folder"),
+    (lambda p: _preset(p, seeds=["a"]), '"seeds" must be integers'),
+    (lambda p: _preset(p, rows="baseline"), '"rows" must be a list'),
+], ids=["json-rows-not-objects", "non-utf8", "out-is-a-file", "preset-seed-not-int", "preset-rows-a-string"])
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys, make_argv, message):
+    assert main(make_argv(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "study").exists()
+
+
+def test_cli_inf_gbr_and_text_in_metrics_are_missing_values_not_crashes(tmp_path, capsys):
+    rows = [ResultRow(**{**r.to_dict(), "gbr": float("inf") if r.run_id == "r50-enc" else r.gbr})
+            for r in _paper_rows()]
+    folder = _write_run(tmp_path / "runs" / "r50-enc", "r50-enc", "enc", rows, [2.0, 1.0])
+    metrics = pd.read_csv(folder / "metrics.csv").astype({"gbr": object})
+    metrics.loc[0, "gbr"] = "oops"
+    metrics.to_csv(folder / "metrics.csv", index=False)
+    assert main(["report", str(folder), "--out", str(tmp_path / "report"), "--format", "md,json,html"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    table3 = json.loads((tmp_path / "report" / "table3.json").read_text())["rows"]
+    assert {r["label"]: r["gbr"] for r in table3}["r50-enc"] is None  # JSON has no inf: null
+    _assert_png(tmp_path / "report" / "plots" / "gbr_epochs.png")  # the one numeric epoch is drawn
 
 
 def test_cli_wrong_schema_exits_2_with_one_line(tmp_path, capsys):

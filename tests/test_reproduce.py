@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 
+import robust_enc.reports
 from robust_enc.cli import main
-from robust_enc.reproduce import PRESET_NAMES, load_preset, plan
+from robust_enc.reproduce import PRESET_NAMES, _attack_done, load_preset, plan
 from robust_enc.results import read_results
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SMALL = {
     "description": "reduced quick preset for tests",
@@ -33,17 +38,26 @@ def test_shipped_presets_load_and_plan(tmp_path, name):
     assert not any(tmp_path.iterdir())
 
 
-def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys):
+def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     preset_file = tmp_path / "small.json"
     preset_file.write_text(json.dumps(SMALL))
     out = tmp_path / "study"
+    builds = []  # the report is built once per run (not once to write and again to print: warnings twice)
+    make_report = robust_enc.reports.make_report
+    monkeypatch.setattr(robust_enc.reports, "make_report", lambda *a, **kw: builds.append(1) or make_report(*a, **kw))
     assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
+    assert len(builds) == 1
     printed = capsys.readouterr().out
     assert "report:" in printed and "enc" in printed
+    # The terminal's Table 3 view: differences to the baseline as in the paper, and the GBR column.
+    assert re.search(r"\([+-]\d+\.\d\d\)", printed) and "GBR" in printed and "FGSM" in printed
     report = out / "report"
     for name in ("index.md", "table3.md", "table3.csv", "leaderboard.md", "correlation.csv"):
         assert (report / name).is_file(), name
-    assert list((report / "plots").glob("*.png"))
+    plots = sorted((report / "plots").glob("*.png"))
+    for kind in ("adv_vs_eps_fgsm", "adv_vs_eps_pgd", "gbr_vs_", "gbr_epochs"):  # every plot kind is drawn
+        assert any(p.name.startswith(kind) for p in plots), (kind, plots)
+    assert all(p.read_bytes()[:8] == PNG_SIGNATURE for p in plots)
     runs = sorted(p for p in (out / "runs").iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["resnet_tiny-digits-baseline-s0-n300", "resnet_tiny-digits-enc+ls-s0-n300",
                                       "resnet_tiny-digits-enc-s0-n300"]
@@ -53,12 +67,24 @@ def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys):
         assert all(not math.isnan(r.gbr) and r.gbr > 0 and r.n == 60 for r in rows)
         assert all(r.adv_top1 <= r.clean_top1 for r in rows)
     table3 = (report / "table3.md").read_text()
-    assert "baseline" in table3 and table3.count("\n| resnet_tiny") == 3
+    # The preset's row order (the paper's), not the run folders' alphabetical one (enc+ls before enc).
+    assert [line.split(" | ")[1] for line in table3.splitlines()[2:]] == ["baseline", "enc", "enc+ls"]
+
+    # Attacks count as done only for the same threat settings and with the GBR measured.
+    _, attack_config = plan(load_preset(str(preset_file)), out, device="cpu")[1]
+    assert _attack_done(attack_config)
+    for change in ({"steps": 5}, {"norm": "l2"}, {"restarts": 2}, {"step_size": 0.01}, {"subset": 30}, {"seed": 1}):
+        assert not _attack_done(dataclasses.replace(attack_config, **change)), change
 
     # A rerun finds every training and attack finished: nothing is trained or attacked again.
     stamps = {p: p.stat().st_mtime_ns for run in runs for p in (run / "checkpoint.pt", run / "results.csv")}
     assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(builds) == 2
+    capsys.readouterr()
+    # Under torchrun only rank 0 builds and prints the report.
+    monkeypatch.setenv("RANK", "1")
+    assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
+    assert len(builds) == 2 and "report:" not in capsys.readouterr().out
 
 
 def test_reproduce_bad_input_is_one_line(tmp_path, capsys):

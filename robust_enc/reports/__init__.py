@@ -31,7 +31,7 @@ RESULTS_FILES = ("results.csv", "results.json")
 METRICS_FILE = "metrics.csv"
 CARD_FILE = "model_card.json"
 RUN_FILES = (*RESULTS_FILES, METRICS_FILE, CARD_FILE)  # any of them makes a folder a run folder
-MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "adv_top5")  # what must agree between duplicates
+MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "adv_top5", "gbr")  # what must agree between duplicates
 FROM_CARD = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # filled into rows that lack them
 DEFAULT_FORMATS = ("md", "csv", "json")
 TABLES = {  # file stem -> title
@@ -60,7 +60,8 @@ class Conflict:
 
     def describe(self) -> str:
         def short(r: ResultRow) -> str:
-            return f"adv_top1={r.adv_top1:.4f} clean_top1={r.clean_top1:.4f} n={r.n} ({r.created_at})"
+            return (f"adv_top1={r.adv_top1:.4f} clean_top1={r.clean_top1:.4f} gbr={r.gbr:.6g} n={r.n} "
+                    f"({r.created_at})")
 
         run_id, _, dataset, _, _, attack, norm, eps = self.key[:8]
         return (f"{run_id} {dataset} {attack} {norm} eps={eps:.6g}: kept {short(self.kept)}; dropped "
@@ -74,6 +75,7 @@ class ReportInputs:
     conflicts: list[Conflict]
     sources: list[Path]  # the results files read
     rows_read: int = 0  # before merging
+    notes: list[str] = field(default_factory=list)  # rows of earlier checkpoints left out, checkpoint conflicts
 
 
 # ------------------------------------------------------------------ eps on the command line
@@ -126,6 +128,50 @@ def merge_rows(rows: Iterable[ResultRow]) -> tuple[list[ResultRow], list[Conflic
     return merged, conflicts
 
 
+def keep_current_checkpoints(inputs: Sequence[tuple[str, list[ResultRow], dict[str, str]]]
+                             ) -> tuple[list[ResultRow], list[str]]:
+    """The rows of one checkpoint per run id and data set, and notes on what was left out. ``inputs``: per file or
+    run folder read, (its name, its rows, run id -> the checkpoint hash its model card names).
+
+    Retraining a run (e.g. more epochs) replaces its checkpoint while the rows of the old one stay in results.csv:
+    counted as replicates they would make one run look like several seeds. Within one input the rows of the current
+    checkpoint (the model card's, else the newest by created_at) are kept. The same run id with different checkpoints
+    in different inputs (two machines) is a conflict, not two seeds: the newest is kept and the conflict noted.
+    Rows without a checkpoint hash cannot be told apart and are kept."""
+    notes: list[str] = []
+    claims: dict[tuple[str, str], dict[str, tuple[datetime, str]]] = {}  # (run, data set) -> hash -> (newest, input)
+    for source, rows, current in inputs:
+        stamps: dict[tuple[str, str], dict[str, datetime]] = {}
+        for row in rows:
+            if row.checkpoint_hash:
+                by_hash = stamps.setdefault((row.run_id, row.dataset), {})
+                by_hash[row.checkpoint_hash] = max(by_hash.get(row.checkpoint_hash, _created(row)), _created(row))
+        for (run_id, dataset), by_hash in stamps.items():
+            card_hash = current.get(run_id, "")
+            kept = card_hash if card_hash in by_hash else max(by_hash, key=by_hash.__getitem__)
+            if card_hash and card_hash != kept:
+                notes.append(f"{source}: {run_id} ({dataset}): the model card names checkpoint {card_hash} but the "
+                             f"results are of checkpoint {kept}: rerun the attack on the current checkpoint")
+            stale = sorted(set(by_hash) - {kept})
+            if stale:
+                notes.append(f"{source}: {run_id} ({dataset}): rows of earlier checkpoint(s) {', '.join(stale)} left "
+                             f"out (retrained); kept checkpoint {kept}")
+            claim = claims.setdefault((run_id, dataset), {})
+            if kept not in claim or by_hash[kept] > claim[kept][0]:
+                claim[kept] = (by_hash[kept], source)
+    chosen = {}
+    for (run_id, dataset), claim in claims.items():
+        chosen[run_id, dataset] = kept = max(claim, key=lambda h: claim[h][0])
+        others = [f"{h} ({claim[h][1]})" for h in claim if h != kept]
+        if others:
+            notes.append(f"conflict: run id {run_id} ({dataset}) names different checkpoints in different inputs; kept "
+                         f"the newest, {kept} ({claim[kept][1]}), left out {'; '.join(others)}: one run id is one "
+                         "trained model, not several seeds")
+    kept_rows = [row for _, rows, _ in inputs for row in rows
+                 if not row.checkpoint_hash or chosen[row.run_id, row.dataset] == row.checkpoint_hash]
+    return kept_rows, notes
+
+
 def _is_run_folder(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_FILES)
 
@@ -143,7 +189,7 @@ def find_run_folders(root: Path) -> list[Path]:
 def _read_card(path: Path) -> dict[str, Any]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not a readable model card ({err}); re-create it or remove the file") from None
     if not isinstance(card, dict):
         raise UserError(f"{path}: a model card must be a JSON object")
@@ -187,7 +233,7 @@ def load_inputs(inputs: Sequence[str | Path]) -> ReportInputs:
     folder of run folders -> each of them, recursively); merge duplicate rows (see ``merge_rows``)."""
     if not inputs:
         raise UserError("no results given: pass results files (.csv/.json) or run folders")
-    rows: list[ResultRow] = []
+    read: list[tuple[str, list[ResultRow], dict[str, str]]] = []  # (input, rows, run id -> card's checkpoint hash)
     runs: list[RunFolder] = []
     sources: list[Path] = []
     for item in map(Path, inputs):
@@ -200,7 +246,7 @@ def load_inputs(inputs: Sequence[str | Path]) -> ReportInputs:
         elif item.is_file():
             if item.suffix not in (".csv", ".json"):
                 raise UserError(f"{item}: results files are .csv or .json")
-            rows += read_results(item)
+            read.append((str(item), read_results(item), {}))
             sources.append(item)
             continue
         else:
@@ -210,26 +256,35 @@ def load_inputs(inputs: Sequence[str | Path]) -> ReportInputs:
                 continue  # the same folder given twice (or inside another input)
             run, folder_rows, folder_sources = _read_run_folder(folder)
             runs.append(run)
-            rows += folder_rows
+            card_hash = str(run.card.get("checkpoint_hash") or "")
+            read.append((str(folder), folder_rows, {run.run_id: card_hash} if card_hash else {}))
             sources += folder_sources
+    rows, notes = keep_current_checkpoints(read)
+    for note in notes:
+        log.warning(note)
     merged, conflicts = merge_rows(rows)
     for conflict in conflicts:
         log.warning("conflicting results for one measurement: %s", conflict.describe())
-    return ReportInputs(_fill_from_cards(merged, runs), runs, conflicts, sources, rows_read=len(rows))
+    return ReportInputs(_fill_from_cards(merged, runs), runs, conflicts, sources,
+                        rows_read=sum(len(rows) for _, rows, _ in read), notes=notes)
 
 
 def runs_frame(runs: Sequence[RunFolder], relative_to: Path | None = None) -> pd.DataFrame:
-    """run_id, checkpoint_hash, dataset, model_card (path, relative to ``relative_to`` when given) per run folder."""
+    """run_id, checkpoint_hash, dataset, checkpoint and model_card (paths, relative to ``relative_to`` when given;
+    "" when the folder lacks the file) per run folder."""
     import pandas as pd
 
-    def card_link(run: RunFolder) -> str:
-        if run.card_path is None:
-            return ""
-        return Path(os.path.relpath(run.card_path, relative_to)).as_posix() if relative_to else str(run.card_path)
+    from robust_enc.checkpoint import CHECKPOINT_NAME
 
+    def link(path: Path | None) -> str:
+        if path is None or not path.is_file():
+            return ""
+        return Path(os.path.relpath(path, relative_to)).as_posix() if relative_to else str(path)
+
+    columns = ["run_id", "checkpoint_hash", "dataset", "checkpoint", "model_card"]
     return pd.DataFrame([{"run_id": r.run_id, "checkpoint_hash": str(r.card.get("checkpoint_hash") or ""),
-                          "dataset": str(r.card.get("dataset") or ""), "model_card": card_link(r)} for r in runs],
-                        columns=["run_id", "checkpoint_hash", "dataset", "model_card"])
+                          "dataset": str(r.card.get("dataset") or ""), "checkpoint": link(r.path / CHECKPOINT_NAME),
+                          "model_card": link(r.card_path)} for r in runs], columns=columns)
 
 
 # ------------------------------------------------------------------ the report
@@ -242,6 +297,17 @@ def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
     if not chosen:
         raise UserError(f"no report format given; choose from {', '.join(FORMATS.names())}")
     return chosen
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` when it is a folder or can be made one (no file in its place or above it), else a UserError."""
+    out_dir = Path(out_dir)
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"--out {out_dir}: {path} is a file, not a folder; choose another output folder")
+            break
+    return out_dir
 
 
 def _normalize_eps(eps: float | str | Sequence[float | str] | None) -> list[float] | None:
@@ -262,22 +328,28 @@ class Report:
 
 
 def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, attack: str | None = None,
-                eps: float | str | Sequence[float | str] | None = None, link_base: Path | None = None) -> Report:
+                eps: float | str | Sequence[float | str] | None = None, link_base: Path | None = None,
+                order: Sequence[str] = ()) -> Report:
     """Read and merge the inputs and build the tables; ``attack`` / ``eps`` restrict the tables to that attack /
-    those eps (floats or "k/255") and pick the leaderboard's threat; model-card links are relative to ``link_base``."""
+    those eps (floats or "k/255") and pick the leaderboard's threat; ``order`` gives Table 3's row order after the
+    baseline (see ``tables.table3``); model-card and checkpoint links are relative to ``link_base``."""
     from robust_enc.reports import tables
 
     eps_values = _normalize_eps(eps)
     data = load_inputs(inputs)
     frame = tables.results_frame(data.rows)
-    full = tables.table3(frame, baseline=baseline)
+    full = tables.table3(frame, baseline=baseline, order=order)
     shown = tables.select_threats(full, attack=attack, eps=eps_values)
     built = {"table3": shown,
              "leaderboard": tables.leaderboard(frame, runs_frame(data.runs, link_base), attack=attack, eps=eps_values),
              "correlation": tables.correlation(shown)}
-    notes = [f"conflicting duplicate rows (kept the newest): {c.describe()}" for c in data.conflicts]
+    notes = [f"conflicting duplicate rows (kept the newest): {c.describe()}" for c in data.conflicts] + data.notes
+    # What was left out of the inputs concerns every table: each JSON file carries it with the table's own notes.
+    input_notes = list(notes)
     for table in built.values():
-        notes += [n for n in table.attrs.get("notes", []) if n not in notes]
+        own = table.attrs.get("notes", [])
+        notes += [n for n in own if n not in notes]
+        table.attrs["notes"] = input_notes + [n for n in own if n not in input_notes]
     return Report(data, built, full, notes)
 
 
@@ -287,7 +359,7 @@ def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = D
     from robust_enc.reports import render
 
     formats = check_formats(formats)
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     written: dict[str, Path] = {}
     for name, table in report.tables.items():
         for fmt in formats:
@@ -306,11 +378,12 @@ def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = D
 
 def build_report(inputs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None,
                  formats: Sequence[str] = DEFAULT_FORMATS, attack: str | None = None,
-                 eps: float | str | Sequence[float | str] | None = None) -> dict[str, Path]:
+                 eps: float | str | Sequence[float | str] | None = None, order: Sequence[str] = ()) -> dict[str, Path]:
     """Write the report into ``out_dir``: table3 / leaderboard / correlation in each format, PNG plots under
-    plots/, and index.md (see ``make_report`` for attack / eps). Returns {path relative to out_dir: path}."""
-    formats = check_formats(formats)  # before any reading: a typo fails fast
-    report = make_report(inputs, baseline=baseline, attack=attack, eps=eps, link_base=Path(out_dir))
+    plots/, and index.md (see ``make_report`` for attack / eps / order). Returns {path relative to out_dir: path}."""
+    formats = check_formats(formats)  # before any reading: a typo or a bad --out fails fast
+    check_out_dir(out_dir)
+    report = make_report(inputs, baseline=baseline, attack=attack, eps=eps, link_base=Path(out_dir), order=order)
     return write_report(report, out_dir, formats)
 
 

@@ -1,5 +1,6 @@
-"""``robust-enc report RESULTS... [--out DIR] [--format md,csv,json,latex,html] [--baseline NAME] [--attack NAME]
-[--eps EPS ...]``: the Table 3 view, leaderboard, GBR correlation and plots from results files and run folders."""
+"""``robust-enc report RESULTS... [--out DIR] [--format md,csv,json,latex,html] [--baseline NAME] [--order NAMES]
+[--attack NAME] [--eps EPS ...]``: the Table 3 view, leaderboard, GBR correlation and plots from results files and
+run folders."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from robust_enc.reports import DEFAULT_FORMATS, TABLES, check_formats, make_report, write_report
+from robust_enc.reports import DEFAULT_FORMATS, TABLES, check_formats, check_out_dir, make_report, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None,
                         help="run id or regularizer of the row the differences refer to (default: the row whose "
                              "regularizer is 'baseline')")
+    parser.add_argument("--order", default=None,
+                        help="Table 3 row order after the baseline: comma-separated regularizers or run ids (e.g. "
+                             "enc,cutmix,ls); rows not named follow sorted (default: sorted)")
     parser.add_argument("--attack", default=None,
                         help="only this attack in the tables, and the leaderboard's attack (default: worst, else "
                              "pgd, else fgsm)")
@@ -33,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
 
     from robust_enc.reports.render import rich_table
 
-    formats = check_formats(args.format.split(","))  # a typo fails before anything is read
+    formats = check_formats(args.format.split(","))  # a typo or a bad --out fails before anything is read
+    check_out_dir(args.out)
     eps = [part for item in args.eps for part in item.split(",") if part.strip()] if args.eps else None
-    report = make_report(args.results, baseline=args.baseline, attack=args.attack, eps=eps, link_base=args.out)
+    order = [part.strip() for part in args.order.split(",") if part.strip()] if args.order else ()
+    report = make_report(args.results, baseline=args.baseline, attack=args.attack, eps=eps, link_base=args.out,
+                         order=order)
     written = write_report(report, args.out, formats)
     console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe or log keeps the whole table
     console.print(rich_table(report.tables["table3"], "table3", TABLES["table3"]))

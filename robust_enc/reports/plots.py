@@ -85,7 +85,7 @@ def plot_gbr_vs_accuracy(table: pd.DataFrame, threat: Threat, path: Path) -> Pat
     if column not in table or "gbr" not in table:
         log.info("no %s results: GBR scatter skipped", column)
         return None
-    points = table[["label", "gbr", column]].dropna()
+    points = table[["label", "gbr", column]].replace([np.inf, -np.inf], np.nan).dropna()  # a diverged GBR: no point
     if points.empty:
         log.info("no model has both GBR and %s: GBR scatter skipped", column)
         return None
@@ -115,8 +115,9 @@ def plot_gbr_vs_accuracy(table: pd.DataFrame, threat: Threat, path: Path) -> Pat
 def plot_gbr_over_epochs(histories: dict[str, pd.DataFrame], path: Path, *, title: str = "") -> Path | None:
     """GBR per epoch, one line per run (``histories``: run label -> metrics.csv frame with columns epoch, gbr and
     optionally gbr_stderr, drawn as a band). Log scale when the values span more than two decades."""
+    # A hand-edited or half-written metrics.csv may hold text ("oops", "inf?"): such cells count as missing.
     usable = {label: frame[["epoch", "gbr"] + (["gbr_stderr"] if "gbr_stderr" in frame else [])]
-              .astype(float).dropna(subset=["epoch", "gbr"])
+              .apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan).dropna(subset=["epoch", "gbr"])
               for label, frame in histories.items() if {"epoch", "gbr"} <= set(frame.columns)}
     usable = {label: frame.sort_values("epoch") for label, frame in usable.items() if not frame.empty}
     if not usable:

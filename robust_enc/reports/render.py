@@ -112,10 +112,18 @@ def _cell(value: float, std: float = math.nan, delta: float = math.nan, *, fmt=f
     return text
 
 
-def _link(path: str, fmt: str) -> str:
+class RawHtml(str):
+    """A cell that is already HTML (a link): ``render_html`` escapes every other cell."""
+
+
+def _link(path: str, fmt: str, text: str = "card") -> str:
     if not path:
         return MISSING
-    return f"[card]({path})" if fmt == "md" else path
+    if fmt == "md":
+        return f"[{text}]({path})"
+    if fmt == "html":
+        return RawHtml(f'<a href="{html.escape(path, quote=True)}">{html.escape(text)}</a>')
+    return path
 
 
 # ------------------------------------------------------------------ display views
@@ -161,6 +169,7 @@ def view_leaderboard(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     out["Robust (%)"] = [format_percent(v) for v in table["adv_top1"]]
     out["GBR"] = [format_number(v) for v in table["gbr"]]
     out["Checkpoint"] = [h or MISSING for h in table["checkpoint_hash"]]
+    out["Checkpoint file"] = [p or MISSING for p in table.get("checkpoint", pd.Series("", index=table.index))]
     out["Card"] = [_link(p, fmt) for p in table["model_card"]]
     return out.reset_index(drop=True)
 
@@ -193,7 +202,7 @@ def display_table(table: pd.DataFrame, kind: str, fmt: str = "md") -> pd.DataFra
 
 
 # ------------------------------------------------------------------ formats
-_NUMERIC_CELL = re.compile(r"^[+-]?[\d.]")
+_NUMERIC_CELL = re.compile(r"^[+-]?\.?\d")  # "29.87", "+0.12", ".5"; not a path like "../runs"
 
 
 def _right_aligned(view: pd.DataFrame) -> list[bool]:
@@ -222,7 +231,8 @@ def render_markdown(table: pd.DataFrame, kind: str, title: str = "") -> str:
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         value = value.item()
-    return None if _missing(value) else value
+    # JSON has no NaN or inf (json.dumps(allow_nan=False) raises): a diverged GBR of inf is written as null too.
+    return None if _missing(value) or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
 @FORMATS.register("csv", help="numeric table: fractions, pixel-unit eps (for pandas, spreadsheets)", suffix="csv")
@@ -254,7 +264,9 @@ def render_latex(table: pd.DataFrame, kind: str, title: str = "") -> str:
 @FORMATS.register("html", help="standalone HTML page with the table", suffix="html")
 def render_html(table: pd.DataFrame, kind: str, title: str = "") -> str:
     view = display_table(table, kind, "html")
-    body = view.to_html(index=False, border=0, escape=True)
+    view = view.map(lambda c: c if isinstance(c, RawHtml) else html.escape(str(c)))
+    view.columns = [html.escape(str(c)) for c in view.columns]
+    body = view.to_html(index=False, border=0, escape=False)
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title or kind)}</title>"
             "<style>table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}</style></head>\n"
             f"<body>\n<h2>{html.escape(title or kind)}</h2>\n{body}\n</body></html>\n")

@@ -11,6 +11,7 @@ Adversarial columns are named ``adv:<attack>:<norm>:<eps>`` with the exact float
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -35,7 +36,9 @@ STRONGEST_FIRST = ("worst", "pgd", "fgsm")
 ATTACK_ORDER = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "worst")
 NORM_ORDER = ("linf", "l2")
 EPS_TOL = 1e-6  # "8/255" typed on the CLI vs 0.0313725490196078 read back from a CSV
-SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_=]?\d+$")  # "resnet20-enc-seed1", "resnet20-enc_s2"
+# "resnet20-enc-seed1", "resnet20-enc_s2" and the default run id's "...-s0-n100" (train.loop.default_run_id puts the
+# training subset after the seed): only the seed part is removed, so the label keeps "-n100".
+SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_=]?\d+(?=(?:-n\d+)?$)")
 GROUP = ["dataset", "model", "regularizer"]  # one Table 3 row; its runs are the seeds
 REPLICATE = [*GROUP, "run_id", "checkpoint_hash"]  # one trained model
 RUN_VALUES = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # properties of the weights, not of an attack
@@ -147,8 +150,24 @@ def _group_label(rows: pd.DataFrame) -> tuple[str, str | None]:
     return f"{model}/{regularizer}", note
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec_forms(spec: str) -> frozenset[str]:
+    """The names a regularizer spec goes by: as written, canonical ("cutmix:alpha=1.0,prob=1.0") and the short run
+    name ("cutmix"); just the text when the registry cannot read it (an unknown or older spec)."""
+    from robust_enc.train.regularizers import canonical_spec, run_name
+
+    try:
+        return frozenset({spec, canonical_spec(spec), run_name(spec)})
+    except UserError:
+        return frozenset({spec})
+
+
 def _matches(group: pd.Series, name: str) -> bool:
-    return name in (group["label"], group["regularizer"]) or name in group["run_ids"].split(";")
+    """``name`` is the row's label, one of its run ids, or its regularizer in any form ("cutmix" matches results
+    that record the canonical "cutmix:alpha=1.0,prob=1.0")."""
+    if name == group["label"] or name in group["run_ids"].split(";"):
+        return True
+    return bool(_spec_forms(name) & _spec_forms(str(group["regularizer"])))
 
 
 def _choose_baselines(groups: pd.DataFrame, baseline: str | None, notes: list[str]) -> list[int | None]:
@@ -183,10 +202,17 @@ def _choose_baselines(groups: pd.DataFrame, baseline: str | None, notes: list[st
     return chosen
 
 
-def table3(frame: pd.DataFrame, *, baseline: str | None = None) -> pd.DataFrame:
+def _order_position(group: pd.Series, order: Sequence[str]) -> int:
+    return next((i for i, name in enumerate(order) if _matches(group, name)), len(order))
+
+
+def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[str] = ()) -> pd.DataFrame:
     """The paper's Table 3 view: one row per model + regularizer + data set (its runs are seeds: mean, ``:std`` and
     ``n_seeds``), clean top-1, adversarial top-1 per threat, differences to the baseline row (``:delta``), GBR with
-    its error bar and the summed squared weight norms. Fractions throughout."""
+    its error bar and the summed squared weight norms. Fractions throughout.
+
+    Row order per data set: the baseline, then the rows ``order`` names (regularizer specs in any form, run ids or
+    labels; e.g. a preset's rows, the paper's order), then the rest sorted by label."""
     notes: list[str] = []
     reps = replicates(frame)
     threats = [c for c, _ in threat_columns(reps)]
@@ -222,9 +248,10 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None) -> pd.DataFrame:
             base = [groups[name].iloc[c] if c is not None else math.nan for c in chosen]
             groups[f"{name}:delta"] = groups[name] - np.asarray(base, dtype=float)
 
-    # Baselines first within their data set, then the order the runs appeared in.
-    groups["_order"] = range(len(groups))
-    groups = groups.sort_values(["dataset", "is_baseline", "_order"], ascending=[True, False, True], kind="stable")
+    # Sorted, not in the order the inputs were read (alphabetical run folders, or files from several machines).
+    groups["_order"] = [_order_position(groups.iloc[i], order) for i in range(len(groups))]
+    groups = groups.sort_values(["dataset", "is_baseline", "_order", "label"], ascending=[True, False, True, True],
+                                kind="stable")
     several_seeds = bool((groups["n_seeds"] > 1).any())
     columns = ["label", *GROUP, "n_seeds", "run_ids", "checkpoint_hashes", "is_baseline", "baseline"]
     for name in values:
@@ -315,10 +342,11 @@ def choose_threat(frame: pd.DataFrame, *, attack: str | None = None,
 def leaderboard(frame: pd.DataFrame, runs: pd.DataFrame | None = None, *, attack: str | None = None,
                 eps: Sequence[float] | None = None) -> pd.DataFrame:
     """RobustBench-style ranking of trained models by adversarial top-1 at one threat (see ``choose_threat``), per
-    data set. ``runs`` (columns run_id, checkpoint_hash, model_card) supplies the link to each model card."""
+    data set. ``runs`` (columns run_id, checkpoint_hash, checkpoint, model_card) supplies each model's checkpoint
+    file and the link to its model card."""
     notes: list[str] = []
     columns = ["dataset", "rank", "run_id", "model", "regularizer", "attack", "norm", "eps", "n", "clean_top1",
-               "adv_top1", "gbr", "checkpoint_hash", "model_card"]
+               "adv_top1", "gbr", "checkpoint_hash", "checkpoint", "model_card"]
     threat = choose_threat(frame, attack=attack, eps=eps)
     if threat is None:
         notes.append("no adversarial rows: the leaderboard is empty")
@@ -333,7 +361,8 @@ def leaderboard(frame: pd.DataFrame, runs: pd.DataFrame | None = None, *, attack
     ranked["attack"], ranked["norm"], ranked["eps"] = threat.attack, threat.norm, threat.eps
     ranked["adv_top1"] = ranked[threat.column]
     ranked["n"] = ranked[f"n:{threat.column}"].astype(int)
-    ranked["model_card"] = [_card_of(runs, r, h) for r, h in zip(ranked["run_id"], ranked["checkpoint_hash"])]
+    for name in ("checkpoint", "model_card"):
+        ranked[name] = [_run_value(runs, r, h, name) for r, h in zip(ranked["run_id"], ranked["checkpoint_hash"])]
     ranked = ranked.sort_values(["dataset", "adv_top1", "clean_top1"], ascending=[True, False, False], kind="stable")
     ranked["rank"] = ranked.groupby("dataset").cumcount() + 1
     for note in notes:
@@ -343,12 +372,13 @@ def leaderboard(frame: pd.DataFrame, runs: pd.DataFrame | None = None, *, attack
     return _notes(table, notes)
 
 
-def _card_of(runs: pd.DataFrame | None, run_id: str, checkpoint_hash: str) -> str:
-    if runs is None or runs.empty:
+def _run_value(runs: pd.DataFrame | None, run_id: str, checkpoint_hash: str, column: str) -> str:
+    """``column`` of the run folder that holds this model (same run id; same checkpoint hash where both are known)."""
+    if runs is None or runs.empty or column not in runs:
         return ""
     hash_fits = (runs["checkpoint_hash"] == checkpoint_hash) | (runs["checkpoint_hash"] == "") | (checkpoint_hash == "")
     same = runs[(runs["run_id"] == run_id) & hash_fits]
-    return str(same["model_card"].iloc[0]) if len(same) else ""
+    return str(same[column].iloc[0]) if len(same) else ""
 
 
 MIN_MODELS = 3  # Pearson/Spearman on 2 points is +-1 by construction
@@ -386,7 +416,7 @@ def correlation(table: pd.DataFrame) -> pd.DataFrame:
         for name, threat in targets:
             if name not in rows:
                 continue
-            both = rows[["gbr", name]].astype(float).dropna()
+            both = rows[["gbr", name]].astype(float).replace([np.inf, -np.inf], np.nan).dropna()  # a diverged GBR
             if name == "gen_gap" and both.empty:
                 continue  # no train accuracy known: nothing to say
             r, r_p, rho, rho_p, note = _correlate(both["gbr"].to_numpy(), both[name].to_numpy())
