@@ -104,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"robust-enc: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path the user gave that cannot be read or written (a file where a folder must be, ...)
+        if debug:
+            raise
+        print(f"robust-enc: error: {err}; check the paths given (--debug shows where)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("robust-enc: interrupted; finished results are kept, rerun to resume", file=sys.stderr)
         return 130

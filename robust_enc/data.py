@@ -113,14 +113,32 @@ def build_digits(split: str, *, augment: bool = False, **_: Any) -> tuple[Datase
     return data, DatasetInfo("digits", split, 10, (1, 8, 8), (mean,), (std,), len(data))
 
 
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only type (Fashion-)MNIST uses
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) as a numpy array."""
+    """Read an IDX file of unsigned bytes (optionally gzipped) as a numpy array. A corrupt or truncated file (bad
+    gzip stream, wrong magic number, fewer or more bytes than its header promises) is a UserError naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    bad = f"{path} is not a readable IDX file"
+    fix = "delete it and reinstall dataset-fashion-mnist, or download it again with --download"
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
+        raise UserError(f"{bad} ({err}); {fix}") from None
+    # Magic number: two zero bytes, the type code, the number of dimensions.
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != IDX_UBYTE or not 1 <= raw[3] <= 4:
+        raise UserError(f"{bad} (bad magic number {raw[:4].hex() or 'none'}, want 000008 then 01..04); {fix}")
     ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise UserError(f"{bad} (truncated header); {fix}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    expected = offset + int(np.prod(shape))
+    if len(raw) != expected:
+        raise UserError(f"{bad} ({len(raw)} bytes, its header {shape} says {expected}: truncated or corrupt); {fix}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def _find_fashion_file(stem: str, data_dir: str | None) -> Path | None:
@@ -151,8 +169,12 @@ def build_fashion_mnist(split: str, *, data_dir: str | None = None, download: bo
         root = Path(data_dir or "data")
         FashionMNIST(str(root), train=split == "train", download=True)
         return build_fashion_mnist(split, data_dir=str(root), augment=augment)
-    x = torch.from_numpy(read_idx(images).copy()).float().div_(255).unsqueeze(1)
-    y = torch.from_numpy(read_idx(labels).astype(np.int64))
+    image_array, label_array = read_idx(images), read_idx(labels)
+    if image_array.ndim != 3 or label_array.ndim != 1 or len(image_array) != len(label_array):
+        raise UserError(f"{images} {image_array.shape} and {labels} {label_array.shape} are not matching images and "
+                        "labels; reinstall dataset-fashion-mnist or download the files again with --download")
+    x = torch.from_numpy(image_array.copy()).float().div_(255).unsqueeze(1)
+    y = torch.from_numpy(label_array.astype(np.int64))
     data = TensorImages(x, y, _train_augment(28, flip=True) if augment else None)
     # Mean/std of the training images (measured: 0.2860 / 0.3530).
     return data, DatasetInfo("fashion-mnist", split, 10, (1, 28, 28), (0.2860,), (0.3530,), len(data),
@@ -268,8 +290,14 @@ def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = F
 def build_folder(split: str, *, argument: str, augment: bool = False, image_size: int | None = None,
                  **_: Any) -> tuple[Dataset, DatasetInfo]:
     root = Path(argument)
-    if (root / split).is_dir():  # PATH/train, PATH/val layouts; otherwise PATH itself is the split
+    if (root / split).is_dir():  # PATH/train, PATH/val layouts; otherwise PATH itself is the (evaluation) split
         root = root / split
+    elif split == "train":  # a plain folder has no held-out part: training would validate on its own images
+        raise UserError(f"folder:{argument} has no train/ subfolder: to train, lay it out as {argument}/train/<class>/ "
+                        f"and {argument}/val/<class>/ (a plain folder of class folders serves evaluation only)")
+    elif (root / "train").is_dir():  # PATH itself would be a "split" whose classes are train, val, ...
+        raise UserError(f"folder:{argument} has train/ but no {split}/ subfolder: add {argument}/{split}/<class>/ or "
+                        "choose a split it has")
     size = image_size or 224
     data = SafeImageFolder(root, _image_folder_transform(augment, size))
     classes = tuple(data.folder.classes)
@@ -317,10 +345,21 @@ def build_synthetic(split: str, *, argument: str, **_: Any) -> tuple[Dataset, Da
 
 
 def _targets(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, Subset):  # without this a Subset's labels would be read by loading every image
+        inner = _targets(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
     targets = getattr(dataset, "targets", None)
     if targets is None:
         targets = [int(dataset[i][1]) for i in range(len(dataset))]
     return list(targets)
+
+
+def balanced_subset(dataset: Dataset, n: int) -> Dataset:
+    """``dataset`` itself when it has at most ``n`` examples, else its deterministic class-balanced subset of ``n``
+    (``balanced_subset_indices``)."""
+    if len(dataset) <= n:
+        return dataset
+    return Subset(dataset, balanced_subset_indices(_targets(dataset), n))
 
 
 def balanced_subset_indices(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
@@ -352,6 +391,9 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
                   augment: bool = False, image_size: int | None = None) -> tuple[Dataset, DatasetInfo]:
     """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset."""
     entry, argument = DATASETS.lookup(name)
+    if data_dir and not download and not Path(data_dir).is_dir():  # not a silent fallback to the system copy
+        raise UserError(f"--data-dir {data_dir} is not a folder; give the folder holding the {name} files, or leave "
+                        "--data-dir out to use the default location")
     kwargs: dict[str, Any] = dict(data_dir=data_dir, download=download, augment=augment, image_size=image_size)
     if argument is not None:
         kwargs["argument"] = argument

@@ -3,6 +3,7 @@ as buffers, then the network. Inputs are images in [0, 1], outputs are logits.""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -168,8 +169,9 @@ def _timm_build(arch: str, num_classes: int, in_chans: int, pretrained: bool = F
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            close = timm.list_models(f"*{arch[:4]}*")[:5]
-            raise UserError(f"timm has no model {arch!r} (similar: {', '.join(close)})") from None
+            close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+            hint = f"similar: {', '.join(close)}" if close else "see timm.list_models() for the names"
+            raise UserError(f"timm has no model {arch!r} ({hint})") from None
         raise
 
 

@@ -9,19 +9,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from robust_enc.checkpoint import load_state_strict
-from robust_enc.models import ModelSpec, build_network, classifier_of
+from robust_enc.models import MODELS, ModelSpec, build_network, classifier_of
 from robust_enc.train import enc
 from robust_enc.train.regularizers import build_recipe, export_spec, prepare_model
 
-# A representative slice of the zoo: CIFAR ResNets, torchvision ResNet / grouped ResNeXt / DenseNet, timm SE-ResNet and
-# a timm model with depthwise convolutions. Small num_classes; built once per module (big ones take ~1 s each).
-ARCHS = ["resnet_tiny", "resnet20", "resnet18", "resnext50_32x4d", "densenet201", "seresnet50",
-         "timm:mobilenetv3_small_050"]
+# Every model registry name (as test_foundation's ZOO) plus a timm model with depthwise convolutions, each built at its
+# smallest input with few classes. Built once per module: the largest (resnext101_32x8d) takes ~2 s on 2 busy cores,
+# all of them together ~15 s, so none is marked slow.
+ARCHS = [n for n in MODELS.names() if n != "timm"] + ["timm:mobilenetv3_small_050"]
 _BUILT: dict[str, nn.Module] = {}
 
 
 def _spec(name: str, regularizer: str = "baseline") -> ModelSpec:
-    shape = (1, 8, 8) if name == "resnet_tiny" else (3, 32, 32)
+    size = MODELS.lookup(name)[0].meta.get("min_size", 32)
+    shape = (1, 8, 8) if name == "resnet_tiny" else (3, size, size)
     return ModelSpec(name, 5, shape, (0.5,) * shape[0], (0.25,) * shape[0], regularizer=regularizer)
 
 
@@ -36,30 +37,37 @@ def _layer_count(model: nn.Module) -> int:
     return sum(isinstance(m, enc.LAYER_TYPES) for m in model.modules())
 
 
-_ENC_APPLIED: dict[str, nn.Module] = {}
+@pytest.fixture
+def one_thread():
+    """Building big models is init-bound; on a busy 2-core machine two threads mostly spin in OpenMP barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", enc.VARIANTS)
-def test_enc_invariant_every_layer_every_variant(arch, variant):
-    # apply_enc once per architecture (registering ~200 parametrizations takes seconds on the big ones), then put
-    # this variant's ENCWeight into every layer's parametrization list: the forward path is the registered one.
-    if arch not in _ENC_APPLIED:
-        _ENC_APPLIED[arch] = enc.apply_enc(_network(arch))
-    model = _ENC_APPLIED[arch]
+def test_enc_invariant_every_layer_every_variant(arch, one_thread):
+    # apply_enc once per architecture (registering ~300 parametrizations takes a second on the big ones), then put each
+    # variant's ENCWeight into every layer's parametrization list: the forward path is the registered one. The model
+    # is built here, not cached: the biggest ones hold ~90M parameters.
+    torch.manual_seed(0)
+    model = enc.apply_enc(build_network(_spec(arch)))
     layers = list(enc.enc_layers(model))
     assert len(layers) == _layer_count(model) > 0  # every conv/linear layer, the classifier included
-    for _, module, _ in layers:
-        module.parametrizations.weight[0] = enc.ENCWeight(variant, 0.7)
-    with torch.no_grad():
-        for name, module, parametrization in enc.enc_layers(model):
-            assert parametrization.variant == variant
-            sq_norm = float(module.weight.double().pow(2).sum())
-            assert sq_norm == pytest.approx(0.7, rel=1e-4), name
+    for variant in enc.VARIANTS:
+        for _, module, _ in layers:
+            module.parametrizations.weight[0] = enc.ENCWeight(variant, 0.7)
+        with torch.no_grad():
+            for name, module, parametrization in enc.enc_layers(model):
+                assert parametrization.variant == variant
+                sq_norm = float(module.weight.double().pow(2).sum())
+                assert sq_norm == pytest.approx(0.7, rel=1e-4), f"{variant} {name}"
 
 
 def test_zoo_slice_covers_grouped_and_depthwise_convs():
-    """The invariant test above is only meaningful for grouped/depthwise convs if the slice contains them."""
+    """The invariant test above covers every registry name, and grouped and depthwise convs."""
+    assert set(MODELS.names()) - {"timm"} <= set(ARCHS)
     groups = {arch: max((m.groups for m in _network(arch).modules() if isinstance(m, nn.Conv2d)), default=1)
               for arch in ("resnext50_32x4d", "timm:mobilenetv3_small_050")}
     assert groups["resnext50_32x4d"] == 32
@@ -68,19 +76,36 @@ def test_zoo_slice_covers_grouped_and_depthwise_convs():
     assert depthwise
 
 
+def _closed_form(w: torch.Tensor, variant: str, alpha: float) -> torch.Tensor:
+    """Paper eq. 20-23 written out directly (rows = output units, m = their number)."""
+    rows = w.reshape(w.shape[0], -1)
+    m = rows.shape[0]
+    if variant == "eq20":
+        out = alpha ** 0.5 * rows / rows.norm()
+    elif variant == "eq21":
+        out = (alpha / m) ** 0.5 * rows / rows.norm(dim=1, keepdim=True)
+    elif variant == "eq22":
+        c = rows - rows.mean(dim=1, keepdim=True)
+        out = (alpha / m) ** 0.5 * c / c.norm(dim=1, keepdim=True)
+    else:  # eq23
+        c = rows - rows.mean()
+        out = alpha ** 0.5 * c / c.norm()
+    return out.reshape(w.shape)
+
+
 @pytest.mark.parametrize("variant", enc.VARIANTS)
-def test_enc_rows_and_centring_follow_the_equations(variant):
-    w = torch.randn(6, 4, 3, 3)
-    w_hat = enc.ENCWeight(variant, 2.0)(w)
-    rows = w_hat.reshape(6, -1)
-    if variant in ("eq21", "eq22"):  # each of the m_i = 6 rows carries alpha / m_i
-        torch.testing.assert_close(rows.pow(2).sum(1), torch.full((6,), 2.0 / 6))
-    if variant == "eq22":
-        torch.testing.assert_close(rows.mean(1), torch.zeros(6), atol=1e-6, rtol=0)
-    if variant == "eq23":
-        assert abs(float(w_hat.mean())) < 1e-6
-    if variant in ("eq20", "eq21"):  # no centring: W_hat is a positive rescaling of W (per tensor / per row)
-        assert torch.all(torch.sign(w_hat) == torch.sign(w))
+@pytest.mark.parametrize("layer", [nn.Conv2d(8, 6, 3, groups=2), nn.Conv2d(4, 4, 3, groups=4), nn.Linear(7, 5)],
+                         ids=["conv-groups2", "depthwise", "linear"])
+def test_enc_variants_equal_their_closed_forms(variant, layer):
+    layer = copy.deepcopy(layer)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight) * 0.3 + 0.1)  # a non-zero mean, so centring matters
+    raw = layer.weight.detach().double().clone()
+    enc.apply_enc(nn.Sequential(layer), variant=variant, alpha=2.0)
+    expected = _closed_form(raw, variant, 2.0)
+    torch.testing.assert_close(layer.weight.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    for other in set(enc.VARIANTS) - {variant}:  # the variants differ on these weights: a swap would be caught
+        assert not torch.allclose(expected, _closed_form(raw, other, 2.0), rtol=1e-3, atol=1e-4), other
 
 
 def test_enc_on_rows_of_length_one_stays_finite():

@@ -213,13 +213,26 @@ def _row(**kw) -> ResultRow:
     return ResultRow(**{**base, **kw})
 
 
+def _same(a: object, b: object) -> bool:
+    """Equal values, NaN equal to NaN, and the same type (an int must not come back as a float or a string)."""
+    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return type(a) is type(b) and (a == b or both_nan)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_results_round_trip(tmp_path, suffix):
-    rows = [_row(), _row(attack="none", norm="none", eps=0.0, adv_top1=0.9, gbr=12.5, gbr_stderr=0.5)]
+    full = dict(steps=10, step_size=1 / 255, restarts=2, seed=7, n=100, clean_top5=0.99, adv_top5=0.7, gbr=12.5,
+                gbr_stderr=0.5, gbr_output="logits", train_top1=0.97, weight_sq_norm=31.25, wall_s=1.5,
+                images_per_s=66.7, flags="zero-gradients;probabilities", checkpoint_hash="0123456789ab",
+                robust_enc_version="0.1.0", torch_version="2.9.1", art_version="1.20.1",
+                created_at="2024-01-02T03:04:05+00:00", run_id="r, with \"quotes\"")
+    rows = [_row(), _row(attack="none", norm="none", eps=0.0, adv_top1=0.9), _row(**full)]
     path = write_results(tmp_path / f"results{suffix}", rows)
     back = read_results(path)
-    assert [r.key() for r in back] == [r.key() for r in rows]
-    assert back[1].gbr == 12.5 and math.isnan(back[0].gbr) and back[0].eps == pytest.approx(4 / 255, abs=0)
+    assert len(back) == len(rows)
+    for row, read in zip(rows, back):
+        for name in FIELD_NAMES:  # every field, NaN == NaN; floats exact (repr round-trips)
+            assert _same(getattr(read, name), getattr(row, name)), (suffix, name, getattr(read, name))
 
 
 def test_results_append_replaces_same_key(tmp_path):

@@ -1,6 +1,7 @@
 """The regularizer registry: spec parsing, errors, optimizer groups and one real train_step per entry."""
 
 import copy
+import math
 import re
 
 import pytest
@@ -38,9 +39,9 @@ def _model(info, spec: str = "baseline", name: str = "resnet_tiny") -> nn.Module
     return prepare_model(build_network(model_spec), spec)
 
 
-def _step(spec: str, x, y, info, *, seed: int = 1, batch_size: int = 16):
+def _step(spec: str, x, y, info, *, seed: int = 1, batch_size: int = 16, weight_decay: float = WD):
     model = _model(info, spec)
-    recipe = build_recipe(spec, num_classes=info.num_classes, batch_size=batch_size, weight_decay=WD)
+    recipe = build_recipe(spec, num_classes=info.num_classes, batch_size=batch_size, weight_decay=weight_decay)
     optimizer = torch.optim.SGD(recipe.param_groups(model), lr=0.1, momentum=0.9)
     torch.manual_seed(seed)
     result = recipe.train_step(model, x, y, optimizer)
@@ -62,20 +63,47 @@ def test_every_entry_trains_one_step(name, digits_batch):
         assert torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize("spec", ["weissi:lambda1=0,lambda2=0", "l1:coef=0", "gammadecay:coef=0",
+@pytest.mark.parametrize("spec", ["l1:coef=0", "gammadecay:coef=0",
                                   "gradnorm:r=0,a=0.8", "sam:rho=0", "noise:sigma=0", "cutout:p=0", "ls:smoothing=0",
                                   "mixup:prob=0", "dropout:p=0", "dropblock:p=0"])
-def test_zero_strength_equals_the_baseline(spec, digits_batch):
+@pytest.mark.parametrize("weight_decay", [WD])
+def test_zero_strength_equals_the_baseline(spec, digits_batch, weight_decay):
     """A penalty with weight 0 (or a probe of length 0, a transform that never fires) is the baseline step: the same
     loss, the same updated parameters and the same BN running statistics (gradnorm/SAM restore them)."""
     x, y, info = digits_batch
-    base, base_result = _step("baseline", x, y, info)
-    model, result = _step(spec, x, y, info)
+    base, base_result = _step("baseline", x, y, info, weight_decay=weight_decay)
+    model, result = _step(spec, x, y, info, weight_decay=weight_decay)
     assert result.loss == pytest.approx(base_result.loss, rel=1e-6)
     assert result.correct == base_result.correct
     base_state = base.state_dict()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, base_state[key], rtol=1e-5, atol=1e-7, msg=f"{spec}: {key}")
+
+
+def test_weissi_at_zero_strength_is_the_baseline_without_weight_decay(digits_batch):
+    """WEISSI replaces weight decay on the weights it regularizes: with lambdas 0 it is the baseline at wd 0."""
+    test_zero_strength_equals_the_baseline("weissi:lambda1=0,lambda2=0", digits_batch, 0.0)
+
+
+def _el2_by_hand(w: torch.Tensor, eps: float) -> float:
+    """sum over rows i of (n - 1) (sigma_i - eps)^2 + n mu_i^2 (ENC.md section 3), in float64."""
+    rows = w.detach().double().reshape(w.shape[0], -1)
+    n = rows.shape[1]
+    return float(((n - 1) * (rows.std(dim=1) - eps).square() + n * rows.mean(dim=1).square()).sum())
+
+
+@pytest.mark.parametrize("spec,lam,eps", [("enc", WD, 1e-3), ("enc:el2_lambda=0.01,el2_eps=0.05", 0.01, 0.05)])
+def test_enc_step_loss_is_cross_entropy_plus_shifted_l2_on_raw_weights(digits_batch, spec, lam, eps):
+    x, y, info = digits_batch
+    model = _model(info, spec)
+    raw = [m.parametrizations.weight.original for _, m, _ in enc.enc_layers(model)]
+    assert raw
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(x), y))  # train mode, as the step's forward
+    term = 0.5 * lam * sum(_el2_by_hand(w, eps) for w in raw)
+    assert term > 1e-4 * expected  # large enough for the comparison below to see it
+    _, result = _step(spec, x, y, info)
+    assert result.loss == pytest.approx(expected + term, rel=1e-5)
 
 
 def test_penalties_add_their_terms(digits_batch):
@@ -91,6 +119,11 @@ def test_penalties_add_their_terms(digits_batch):
                               if isinstance(m, nn.BatchNorm2d))
     _, result = _step(f"gammadecay:coef={coef}", x, y, info)
     assert result.loss == pytest.approx(base.loss + gammas, rel=1e-5)
+    lambda1, lambda2 = 1e-2, 1e-3  # WEISSI: lambda1 sum log ||W_l|| + lambda2 sum || W_l / ||W_l|| ||_1
+    weights = [m.weight.detach().double() for m in model.modules() if isinstance(m, enc.LAYER_TYPES)]
+    weissi = sum(lambda1 * math.log(float(w.norm())) + lambda2 * float((w / w.norm()).abs().sum()) for w in weights)
+    _, result = _step(f"weissi:lambda1={lambda1},lambda2={lambda2}", x, y, info)
+    assert result.loss == pytest.approx(base.loss + weissi, rel=1e-5)
 
 
 def test_sharpness_step_mixes_the_two_gradients():
@@ -162,6 +195,17 @@ def test_enc_raw_weights_get_el2_instead_of_decay(digits_batch):
     assert by_name["decay"] == {"net.fc.weight"}  # the plain classifier keeps ordinary decay
     raw = {n for n in by_name["no_decay"] if n.endswith("parametrizations.weight.original")}
     assert len(raw) == len(list(enc.enc_layers(model)))
+
+
+def test_weissi_weights_get_no_plain_decay(digits_batch):
+    """L2 is not scale-shift invariant: WEISSI's weights leave the decay group (ENC's raw weights too when combined)."""
+    _, _, info = digits_batch
+    for spec in ("weissi", "enc:classifier=false+weissi"):
+        model = _model(info, spec)
+        groups = build_recipe(spec, num_classes=10, batch_size=8, weight_decay=WD).param_groups(model)
+        assert [g["name"] for g in groups] == ["no_decay"]  # nothing left to decay (BN and biases never are)
+        raw = {id(enc.raw_weight(m)) for m in model.modules() if isinstance(m, enc.LAYER_TYPES)}
+        assert len(raw) == 10 and raw <= {id(p) for p in groups[0]["params"]}  # 9 convs + the classifier
 
 
 def test_wn_decays_directions_not_gains(digits_batch):
@@ -268,13 +312,47 @@ def test_feature_hooks_keep_keys_and_only_act_in_training(digits_batch):
         assert not torch.equal(hooked(x), hooked(x))  # fresh masks each call
 
 
-def test_dropblock_sits_in_the_last_two_stages():
-    net = build_network(ModelSpec("resnet18", 5, (3, 32, 32), (0.5,) * 3, (0.25,) * 3))
+@pytest.mark.parametrize("arch,site", [("resnet18", "bn1"), ("resnet50", "bn2"), ("seresnet50", "bn2")])
+def test_dropblock_sits_where_timm_puts_it(arch, site):
+    """timm's ResNet blocks apply drop_block after bn1 (basic block) / bn2 (bottleneck), in the last two stages."""
+    net = build_network(ModelSpec(arch, 5, (3, 32, 32), (0.5,) * 3, (0.25,) * 3))
     prepare_model(net, "dropblock")
     hooked = {n for n, m in net.named_modules() if m._forward_hooks}
-    assert hooked == {f"net.layer{s}.{i}" for s in (3, 4) for i in range(2)}
-    sizes = {next(iter(m._forward_hooks.values())).block.block_size for n, m in net.named_modules() if m._forward_hooks}
-    assert sizes == {5, 3}
+    blocks = {s: len(getattr(net.net, f"layer{s}")) for s in (3, 4)}
+    assert hooked == {f"net.layer{s}.{i}.{site}" for s, count in blocks.items() for i in range(count)}
+    sizes = {n.split(".")[1]: next(iter(m._forward_hooks.values())).block.block_size
+             for n, m in net.named_modules() if m._forward_hooks}
+    assert sizes == {"layer3": 5, "layer4": 3}
+
+
+class _DropAll(nn.Module):
+    """Stands in for DropBlock2d at drop probability 1: the whole feature map dropped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet50"])
+def test_dropblock_leaves_the_identity_path(arch):
+    """With everything dropped at the DropBlock site the residual branch gives BN's shift (0 for fresh BN layers),
+    so each block outputs relu(shortcut(x)): the identity path is kept (dropping the block output gave zeros)."""
+    torch.manual_seed(0)
+    shape = (1, 8, 8) if arch == "resnet_tiny" else (3, 32, 32)
+    model = build_network(ModelSpec(arch, 5, shape, (0.5,) * shape[0], (0.25,) * shape[0]))
+    prepare_model(model, "dropblock:p=0.5")
+    hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
+    assert hooks
+    for hook in hooks:
+        hook.block = _DropAll()
+    stages = [model.net.layers[-1]] if arch == "resnet_tiny" else [model.net.layer3[1], model.net.layer4[0]]
+    model.eval()  # fresh BN statistics (mean 0, var 1) and affine (1, 0): BN of zeros is zero
+    for block in stages:
+        x = torch.rand(2, block.conv1.in_channels, 4, 4)
+        shortcut = getattr(block, "shortcut", None) or block.downsample or nn.Identity()
+        with torch.no_grad():
+            expected = torch.relu(shortcut(x))
+            assert float(expected.abs().sum()) > 0
+            torch.testing.assert_close(block(x), expected)
 
 
 @pytest.mark.gpu

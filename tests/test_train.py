@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from robust_enc.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_enc.cli import main
@@ -67,7 +68,7 @@ def test_lr_schedules():
 
 
 @pytest.mark.parametrize("size,batch,world", [(1, 1, 1), (101, 32, 2), (96, 32, 2), (97, 32, 3), (65, 32, 1),
-                                              (10, 4, 4), (33, 32, 2)])
+                                              (10, 4, 4), (33, 32, 2), (35, 32, 2)])
 def test_global_batch_sampler_covers_each_example_once(size, batch, world):
     samplers = [GlobalBatchSampler(size, batch, seed=5, rank=r, world_size=world) for r in range(world)]
     for epoch in (0, 1):
@@ -77,6 +78,8 @@ def test_global_batch_sampler_covers_each_example_once(size, batch, world):
             per_rank.append(list(s))
         assert all(len(batches) == len(samplers[0]) for batches in per_rank)  # no rank waits in all-reduce
         assert all(len(b) > 0 for batches in per_rank for b in batches)
+        if batch >= 2 * world:  # nor does the tail leave a rank one example (train-mode BN on 1x1 maps needs two)
+            assert all(len(b) >= 2 for batches in per_rank for b in batches)
         seen = sorted(i for batches in per_rank for b in batches for i in b)
         assert seen == list(range(size))  # each example exactly once: no padding, no dropping
     orders = [list(GlobalBatchSampler(size, batch, seed=5, world_size=1)) for _ in range(2)]
@@ -110,12 +113,20 @@ def test_resume_is_bit_identical_and_finished_runs_are_skipped(tmp_path):
     assert [{k: v for k, v in r.items() if k not in timing} for r in rows_a] == \
            [{k: v for k, v in r.items() if k not in timing} for r in rows_b]
 
+    # A finished 1-epoch run extended to 2 ends as the 2-epoch run: the clean train top-1 measured at the end of
+    # epoch 1 (its last) leaves weights, BN statistics and random streams alone.
+    short = dataclasses.replace(config, epochs=1, out_dir=str(tmp_path / "extended"))
+    train(short)
+    extended = load_checkpoint(train(dataclasses.replace(short, epochs=2, resume=True)))
+    assert extended.content_hash == a.content_hash
+
     before = (whole / "checkpoint.pt").stat().st_mtime_ns
     assert train(dataclasses.replace(config, out_dir=str(tmp_path / "whole"))) == whole  # finished: skipped
     assert (whole / "checkpoint.pt").stat().st_mtime_ns == before
     assert not (whole / "exported.pt").exists()
     train(dataclasses.replace(config, out_dir=str(tmp_path / "whole"), export=True))  # export asked for later
     assert load_checkpoint(whole / "exported.pt").spec.regularizer.startswith("cutmix:")
+    assert (whole / "exported.ts").is_file()
     assert (whole / "checkpoint.pt").stat().st_mtime_ns == before
 
 
@@ -138,6 +149,7 @@ def test_ddp_two_processes_with_gloo_see_every_example_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI and export
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_cli_end_to_end_writes_the_run_folder_and_an_equivalent_export(tmp_path, capsys):
     argv = ["train", "--model", "resnet_tiny", "--dataset", "digits", "--subset", "64", "--val-subset", "40",
             "--epochs", "3", "--batch-size", "32", "--reg", "enc+ls", "--gbr-probe-size", "12", "--gbr-every", "2",
@@ -147,7 +159,7 @@ def test_cli_end_to_end_writes_the_run_folder_and_an_equivalent_export(tmp_path,
     run_dir = tmp_path / "resnet_tiny-digits-enc+ls-s0-n64"
     assert str(run_dir) in capsys.readouterr().out
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "checkpoint.pt", "metrics.csv", "model_card.json",
-                                                  "exported.pt"}
+                                                  "exported.pt", "exported.ts"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["weight_decay"] == 5e-4 and config["lr"] == 0.05 and config["regularizer"].startswith("enc:")
 
@@ -159,6 +171,8 @@ def test_cli_end_to_end_writes_the_run_folder_and_an_equivalent_export(tmp_path,
     assert [r["gbr"] != "" for r in rows] == [False, True, True]  # every 2nd epoch, and the last
     last = rows[-1]
     assert 0 <= float(last["train_top1"]) <= 1 and 0 <= float(last["val_top1"]) <= 1
+    assert [r["train_top1"] == "" for r in rows] == [True, True, False]  # the clean one: measured at the end only
+    assert all(0 <= float(r["train_top1_running"]) <= 1 for r in rows)
     assert last["val_top5"] == ""  # 10 classes: top-5 is NaN, written as an empty cell
     assert float(last["gbr"]) > 0 and float(last["gbr_stderr"]) >= 0 and int(last["samples_seen"]) == 64
     # ENC (eq. 22, alpha 1): every constrained layer has ||W||_F^2 = 1, so the sum is the number of layers.
@@ -176,6 +190,25 @@ def test_cli_end_to_end_writes_the_run_folder_and_an_equivalent_export(tmp_path,
     x = torch.rand(16, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))  # the baked weights are the very tensors ENC computed
+        scripted = torch.jit.load(str(run_dir / "exported.ts"))  # plain torch: no robust-enc class inside
+        torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-5)
+    assert card["exported_torchscript"] == "exported.ts"
+
+
+def test_train_top1_is_clean_accuracy_on_the_training_split(tmp_path):
+    """With mixup+cutout the running accuracy is measured on mixed, masked inputs in train mode; the card's and the
+    checkpoint's train_top1 is top-1 in eval mode on the (unaugmented) training examples."""
+    from robust_enc.data import build_dataset, build_loader
+    from robust_enc.train.loop import evaluate
+
+    config = TrainConfig(**TINY, epochs=2, regularizer="mixup+cutout", gbr_probe_size=0, out_dir=str(tmp_path))
+    run_dir = train(config)
+    ckpt = load_checkpoint(run_dir)
+    train_set, _ = build_dataset("digits", "train", subset=TINY["subset"])
+    clean = evaluate(model_from_checkpoint(ckpt), build_loader(train_set, batch_size=64), device=torch.device("cpu"))
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["train_top1"] == ckpt.metrics["train_top1"] == pytest.approx(clean["top1"], abs=1e-12)
+    assert card["train_top1_running"] == ckpt.metrics["train_top1_running"] != card["train_top1"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -199,6 +232,67 @@ def test_bad_input_exits_2_with_one_line_before_training(tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("robust-enc: error:") and message in err
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def _write_idx_gz(path: Path, data: bytes) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(data))
+
+
+def _bad_paths(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Set up each bad-path case in tmp_path: name -> (extra argv, expected text of the one-line error)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    header = bytes([0, 0, 8, 3]) + (100).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    _write_idx_gz(idx / "train-images-idx3-ubyte.gz", header + bytes(28 * 28 * 10))  # 10 of the 100 images
+    _write_idx_gz(idx / "train-labels-idx1-ubyte.gz", bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + bytes(100))
+    magic = tmp_path / "magic"
+    magic.mkdir()
+    _write_idx_gz(magic / "train-images-idx3-ubyte.gz", b"<html>not found</html>")
+    _write_idx_gz(magic / "train-labels-idx1-ubyte.gz", b"<html>not found</html>")
+    plain, train_only = tmp_path / "plain", tmp_path / "train_only"
+    for folder in (plain, train_only / "train"):
+        for label in ("a", "b"):
+            (folder / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), color=(60 * i, 90, 200)).save(folder / label / f"{i}.png")
+    return {
+        "out-dir is a file": (["--out-dir", str(a_file)], "is a file, not a folder"),
+        "out-dir below a file": (["--out-dir", str(a_file / "runs")], "is a file, not a folder"),
+        "missing data-dir": (["--data-dir", str(tmp_path / "nope")], "is not a folder"),
+        "truncated idx": (["--dataset", "fashion-mnist", "--data-dir", str(idx)], "truncated or corrupt"),
+        "bad idx magic": (["--dataset", "fashion-mnist", "--data-dir", str(magic)], "bad magic number"),
+        "plain image folder": (["--dataset", f"folder:{plain}", "--image-size", "8"], "has no train/ subfolder"),
+        "train/ without val/": (["--dataset", f"folder:{train_only}", "--image-size", "8"], "but no val/ subfolder"),
+        "bn on 1x1 maps at batch 1": (["--model", "resnet18", "--batch-size", "1"], "--batch-size >= 2"),
+        "unknown timm model": (["--model", "timm:resnet5O", "--dataset", "synthetic:3x32x32:4:32"],
+                               "similar: resnet50"),
+        "timm model without look-alikes": (["--model", "timm:qqqqqqqq", "--dataset", "synthetic:3x32x32:4:32"],
+                                           "timm.list_models()"),
+    }
+
+
+def test_bad_paths_and_batch_sizes_exit_2_with_one_line(tmp_path, capsys):
+    for case, (extra, message) in _bad_paths(tmp_path).items():
+        argv = ["train", "--model", "resnet_tiny", "--subset", "32", "--epochs", "1", "--device", "cpu",
+                "--gbr-probe-size", "0", "--out-dir", str(tmp_path / "runs"), *extra]
+        assert main(argv) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("robust-enc: error:"), (case, err)
+        assert message in err and "Traceback" not in err, (case, err)
+        assert not (tmp_path / "runs").exists(), case  # nothing written
+
+
+def test_oserrors_from_paths_are_one_line_errors(tmp_path, capsys):
+    """Any other path the system refuses (here a folder name over the 255-byte limit) is one line, exit 2."""
+    argv = ["train", "--model", "resnet_tiny", "--subset", "32", "--epochs", "1", "--device", "cpu",
+            "--gbr-probe-size", "0", "--out-dir", str(tmp_path / ("x" * 300))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "File name too long" in err and "check the paths" in err
 
 
 def test_nan_loss_stops_with_a_user_error_and_keeps_the_last_good_checkpoint(tmp_path):

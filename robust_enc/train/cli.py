@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--gbr-every", type=int, default=None, help="epochs between GBR estimates (default 1)")
     out.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run")
     out.add_argument("--export", action="store_true", default=None,
-                     help="also write exported.pt, the plain model with ENC/WN/WS baked in")
+                     help="also write exported.pt, the plain model with ENC/WN/WS baked in, and exported.ts, the "
+                          "same model as TorchScript (torch.jit.load, no robust-enc needed)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any TrainConfig field, e.g. --set weight_decay=5e-4 (repeatable)")
 
@@ -130,9 +131,10 @@ class RichProgress(Progress):
     def end_epoch(self, row: dict[str, Any]) -> None:
         self.bars.update(self.epoch_task, advance=1,
                          info=f"val top-1 {row['val_top1']:.2%} gbr {row['gbr']:.3g}")
-        self.console.print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}, "
-                         f"val top-1 {row['val_top1']:.2%}, GBR {row['gbr']:.4g} ± {row['gbr_stderr']:.2g}, "
-                         f"sum ||W||² {row['weight_sq_norm']:.4g}, {row['wall_s']:.1f} s")
+        self.console.print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} running top-1 "
+                           f"{row['train_top1_running']:.2%}, val top-1 {row['val_top1']:.2%}, "
+                           f"GBR {row['gbr']:.4g} ± {row['gbr_stderr']:.2g}, "
+                           f"sum ||W||² {row['weight_sq_norm']:.4g}, {row['wall_s']:.1f} s")
 
     def finish(self) -> None:
         self.bars.stop()

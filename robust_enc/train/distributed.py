@@ -155,9 +155,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
     dropping), the global batches do not depend on the number of processes (but for the tail rule below), and
     resuming needs no sampler state. Per-rank batches hold batch_size / world examples (one more or less when it
     does not divide).
-    A trailing global batch with fewer than max(world_size, 2) examples is merged into the previous one, so every
-    rank gets the same number of non-empty batches (uneven counts would leave a rank waiting in all-reduce) and no
-    train-mode BN sees a batch of one. Call ``set_epoch`` before each epoch, as with DistributedSampler.
+    A trailing global batch with fewer than 2 x world_size examples is merged into the previous one, so every rank
+    gets the same number of non-empty batches (uneven counts would leave a rank waiting in all-reduce) and the tail
+    gives no rank a batch of one (a train-mode BN on a 1x1 feature map cannot normalize it; batch sizes below
+    2 x world_size are checked by the training loop). Call ``set_epoch`` before each epoch, as with
+    DistributedSampler.
     """
 
     def __init__(self, size: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
@@ -180,7 +182,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             order = torch.arange(self.size)
         batches = list(order.split(self.batch_size))
-        if len(batches) > 1 and len(batches[-1]) < max(self.world_size, 2):
+        if len(batches) > 1 and len(batches[-1]) < 2 * self.world_size:
             batches[-2:] = [torch.cat(batches[-2:])]
         return batches
 
@@ -190,4 +192,4 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
-        return full + (1 if rest >= max(self.world_size, 2) or full == 0 else 0)
+        return full + (1 if rest >= 2 * self.world_size or full == 0 else 0)

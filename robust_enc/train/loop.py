@@ -6,7 +6,8 @@ file knows nothing about ENC, CutMix or label smoothing.
 
 Run folder ``<out_dir>/<run_id>/``: ``config.json`` (written first), ``checkpoint.pt`` (after every epoch, atomic,
 with everything ``resume`` needs), ``metrics.csv`` (one row per epoch, rewritten atomically), ``model_card.json`` at the
-end, and ``exported.pt`` (the baked plain model) when asked. Only rank 0 writes.
+end, and ``exported.pt`` (the baked plain model) plus ``exported.ts`` (it as TorchScript) when asked. Only rank 0
+writes.
 
 Exact resume: the sample order is a function of (seed, epoch) (``GlobalBatchSampler``), DataLoader workers are seeded
 from (seed, epoch, rank), and the torch / numpy / python RNG states of every rank are stored at each epoch's end and
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_enc.checkpoint import (
     CHECKPOINT_NAME,
@@ -41,18 +42,26 @@ from robust_enc.checkpoint import (
     save_checkpoint,
 )
 from robust_enc.config import config_to_dict
-from robust_enc.data import DATASETS, build_dataset, build_loader, collate_readable, eval_split
+from robust_enc.data import DATASETS, balanced_subset, build_dataset, build_loader, collate_readable, eval_split
 from robust_enc.errors import UserError
 from robust_enc.io import write_text_atomic
 from robust_enc.models import MODELS, ModelSpec, build_model, weight_norms
 from robust_enc.train import distributed as D
 from robust_enc.train.regularizers import build_recipe, canonical_spec, run_name
-from robust_enc.train.run_folder import _decide_on_rank0, finish_run, write_metrics
+from robust_enc.train.run_folder import (
+    EXPORT_NAME,
+    TORCHSCRIPT_NAME,
+    _decide_on_rank0,
+    finish_run,
+    upgrade_row,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
 NAN = float("nan")
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_EVAL_SIZE = 10_000  # training examples for the clean train top-1 at the end (class-balanced subset)
 TOP5_MIN_CLASSES = 11  # as in results.py: top-5 of 10 or fewer classes says little, so it is NaN there
 # Short data set names for run ids; others are used as given (made filesystem-safe).
 DATASET_SHORT = {"fashion-mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "imagenet": "in1k"}
@@ -90,7 +99,7 @@ class TrainConfig:
     gbr_probe_size: int = 256  # fixed evaluation examples for the per-epoch GBR estimate (eq. 18); 0 = skip GBR
     gbr_every: int = 1  # epochs between GBR estimates (the last epoch always has one); the others are NaN
     resume: bool = False  # continue an interrupted run in the same folder
-    export: bool = False  # also write exported.pt: the baked plain model (no ENC/WN/WS parametrizations)
+    export: bool = False  # also write exported.pt (the baked plain model, no ENC/WN/WS) and exported.ts (TorchScript)
 
 
 # ------------------------------------------------------------------------------------------------ config checks
@@ -135,6 +144,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(config.gbr_every >= 1, f"gbr_every must be >= 1 (epochs between GBR estimates), got {config.gbr_every}")
     _check(config.workers >= 0, f"workers must be >= 0, got {config.workers}")
     _check(config.image_size is None or config.image_size >= 1, f"image size must be >= 1, got {config.image_size}")
+    _check_out_dir(Path(config.out_dir))
     MODELS.lookup(config.model)  # unknown names fail here, with a did-you-mean, before any data is read
     DATASETS.lookup(config.dataset)
     spec = canonical_spec(config.regularizer)
@@ -142,6 +152,44 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(run_id not in (".", "..") and _safe(run_id) == run_id,
            f"run id {run_id!r} must be a plain folder name (letters, digits, . _ + = -)")
     return dataclasses.replace(config, regularizer=spec, run_id=run_id)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The first existing path on the way to ``out_dir`` must be a folder (the rest is created)."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            _check(path.is_dir(), f"--out-dir {out_dir}: {path} is a file, not a folder; give a folder (missing ones "
+                                  "are created)")
+            return
+
+
+def _check_batch_norm_batch(net: nn.Module, input_shape: tuple[int, int, int], batch_size: int,
+                            world_size: int) -> None:
+    """Train-mode BN needs more than one value per channel: with per-process batches of one (global batch < 2 x
+    processes), a BN layer on a 1x1 feature map fails mid-run. Found up front by one eval-mode forward of one image
+    (weights, BN statistics and random streams untouched); skipped for batches of two or more per process."""
+    if batch_size >= 2 * world_size:
+        return
+    names = {m: name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    single: list[str] = []
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0][0, 0].numel() == 1 and not single:  # one image: values per channel = its spatial size
+            single.append(names[module])
+
+    hooks = [m.register_forward_pre_hook(record) for m in names]
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, *input_shape))
+    finally:
+        net.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    _check(not single, f"--batch-size {batch_size} over {world_size} process(es) gives batches of one image, and BN "
+                       f"layer {single[0] if single else ''} then sees one value per channel (a 1x1 feature map); use "
+                       f"--batch-size >= {2 * world_size} (2 x processes)")
 
 
 def _check_device(config: TrainConfig, device: torch.device, world_size: int) -> None:
@@ -215,8 +263,8 @@ class LogProgress(Progress):
                      self.step, self.batches, loss, rate, eta)
 
     def end_epoch(self, row: dict[str, Any]) -> None:
-        log.info("epoch %d/%d lr %.4g train loss %.4f top1 %.4f val top1 %.4f gbr %.4g |W|^2 %.4g %.1f s "
-                 "(%.0f img/s)", row["epoch"], self.epochs, row["lr"], row["train_loss"], row["train_top1"],
+        log.info("epoch %d/%d lr %.4g train loss %.4f running top1 %.4f val top1 %.4f gbr %.4g |W|^2 %.4g %.1f s "
+                 "(%.0f img/s)", row["epoch"], self.epochs, row["lr"], row["train_loss"], row["train_top1_running"],
                  row["val_top1"], row["gbr"], row["weight_sq_norm"], row["wall_s"], row["images_per_s"])
 
 
@@ -239,8 +287,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: 
                     progress: Progress | None = None) -> dict[str, float]:
     """One pass over ``loader`` with ``recipe.train_step``; sums are reduced over ranks.
 
-    Returns train_loss (mean per example), train_top1 (fraction), samples_seen (all ranks), images_per_s. A NaN or
-    infinite loss on any rank raises NonFiniteLoss on every rank (checked each step, so no rank waits forever)."""
+    Returns train_loss (mean per example), train_top1_running (fraction of the step's hard labels its train-mode
+    logits got right, on the transformed/mixed inputs: not a clean accuracy), samples_seen (all ranks), images_per_s.
+    A NaN or infinite loss on any rank raises NonFiniteLoss on every rank (checked each step, so no rank waits
+    forever)."""
     progress = progress or Progress()
     world = D.get_world_size()
     model.train()
@@ -263,8 +313,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: 
         progress.advance(result.n * world, result.loss)
     loss_sum, correct, seen = D.all_reduce_sum([loss_sum, correct, seen])
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1), "samples_seen": int(seen),
-            "images_per_s": seen / seconds if seconds > 0 else NAN}
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1_running": correct / max(seen, 1),
+            "samples_seen": int(seen), "images_per_s": seen / seconds if seconds > 0 else NAN}
 
 
 @torch.no_grad()
@@ -294,6 +344,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device,
         raise UserError("the evaluation split has no readable examples")
     return {"top1": top1 / n, "top5": top5 / n if (num_classes or 0) >= TOP5_MIN_CLASSES else NAN, "loss": loss / n,
             "n": int(n)}
+
+
+def clean_train_split(config: TrainConfig, data_kw: dict[str, Any]) -> Dataset:
+    """The training examples the run trains on (its --subset), without augmentation (the evaluation transform, as
+    the validation split), cut to a deterministic class-balanced TRAIN_EVAL_SIZE when larger."""
+    data, _ = build_dataset(config.dataset, "train", subset=config.subset, augment=False, **data_kw)
+    return balanced_subset(data, TRAIN_EVAL_SIZE)
 
 
 def measure_probe_gbr(model: nn.Module, loader: Iterable | None, device: torch.device) -> tuple[float, float]:
@@ -374,8 +431,8 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     kind, ckpt = _decide_on_rank0(run_dir, config)
     if kind == "finished":
         log.info("%s already finished (%d epochs): skipping", run_dir, config.epochs)
-        missing = not (run_dir / "model_card.json").is_file() or (config.export and
-                                                                   not (run_dir / "exported.pt").is_file())
+        exports = (EXPORT_NAME, TORCHSCRIPT_NAME) if config.export else ()
+        missing = not all((run_dir / name).is_file() for name in ("model_card.json", *exports))
         if ctx.is_main and missing:  # stopped between the last checkpoint and the card, or export asked for now
             finish_run(run_dir, config)
         D.barrier()
@@ -383,6 +440,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
 
     seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_model(spec)
+    _check_batch_norm_batch(net, train_info.input_shape, config.batch_size, ctx.world_size)
     if ckpt is not None:
         load_state_strict(net, ckpt.state_dict, str(run_dir / CHECKPOINT_NAME))
     if ctx.rank > 0:  # each rank its own augmentation stream
@@ -409,7 +467,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     history: list[dict[str, Any]] = []
     first_epoch = 0
     if state is not None:
-        first_epoch, history = int(state["epoch"]), list(state["history"])
+        first_epoch, history = int(state["epoch"]), [upgrade_row(row) for row in state["history"]]
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -466,11 +524,23 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
                 torch.distributed.broadcast(buffer, 0)
         val = evaluate(net, val_loader, device=device, autocast=autocast, channels_last=config.channels_last,
                        num_classes=train_info.num_classes)
-        due = (epoch + 1) % config.gbr_every == 0 or epoch + 1 == config.epochs
+        last = epoch + 1 == config.epochs
+        due = (epoch + 1) % config.gbr_every == 0 or last
         gbr, gbr_stderr = measure_probe_gbr(net, probe_loader if due else None, device)
+        # Clean train top-1 (eval mode, no augmentation or mixing) at the last epoch only, so it costs one pass over
+        # at most TRAIN_EVAL_SIZE examples: the train accuracy of the generalization gap. Eval mode and a seeded
+        # loader: the weights, BN statistics and RNG streams are untouched, so resume stays exact.
+        train_top1 = NAN
+        if last:
+            clean = clean_train_split(config, data_kw)
+            clean_shard = Subset(clean, D.shard_indices(len(clean), ctx.rank, ctx.world_size)) if ctx.distributed \
+                else clean
+            train_top1 = evaluate(net, build_loader(clean_shard, batch_size=eval_batch, workers=config.workers),
+                                  device=device, autocast=autocast, channels_last=config.channels_last,
+                                  num_classes=train_info.num_classes)["top1"]
         norms = weight_norms(net)
-        row = {"epoch": epoch + 1, "lr": lr, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
-               "weight_sq_norm": sum(norms.values()), "gbr": gbr, "gbr_stderr": gbr_stderr,
+        row = {"epoch": epoch + 1, "lr": lr, **stats, "train_top1": train_top1, "val_top1": val["top1"],
+               "val_top5": val["top5"], "weight_sq_norm": sum(norms.values()), "gbr": gbr, "gbr_stderr": gbr_stderr,
                "wall_s": time.perf_counter() - start, **{f"norm:{k}": v for k, v in norms.items()}}
         history.append(row)
         rng = D.all_gather_objects(capture_rng(device))

@@ -361,7 +361,7 @@ class _DropoutHook:
 
 
 class _DropBlockHook:
-    """Forward hook applying a timm DropBlock2d to a block's output, in train mode only (the block's mode)."""
+    """Forward hook applying a timm DropBlock2d to a BN layer's output, in train mode only (the BN layer's mode)."""
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
@@ -369,6 +369,16 @@ class _DropBlockHook:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         self.block.train(module.training)
         return self.block(output)
+
+
+def _drop_block_site(block: nn.Module) -> nn.Module:
+    """Where timm's ResNet blocks apply drop_block: after bn1 in a basic block (before its first activation), after
+    bn2 in a bottleneck (bn3 present; timm.models.resnet.Bottleneck), so the identity path is never dropped."""
+    site = getattr(block, "bn2" if hasattr(block, "bn3") else "bn1", None)
+    if not isinstance(site, nn.modules.batchnorm._BatchNorm):
+        raise UserError(f"dropblock needs ResNet blocks with bn1/bn2 layers; {type(block).__name__} has none. Use "
+                        "dropout instead")
+    return site
 
 
 def _last_two_stages(net: nn.Module) -> list[list[nn.Module]]:
@@ -408,8 +418,8 @@ class Dropout(Regularizer):
 
 @register("dropblock", order=21)
 class DropBlock(Regularizer):
-    """DropBlock (Ghiasi et al. 2018) with timm's ResNet setting: every block output of the last two stages, block
-    sizes 5 and 3 (timm.models.resnet.drop_blocks)."""
+    """DropBlock (Ghiasi et al. 2018) with timm's ResNet setting: in every block of the last two stages, after bn1
+    (basic) / bn2 (bottleneck) as timm's blocks, block sizes 5 and 3 (timm.models.resnet.drop_blocks)."""
 
     p: float = _param(0.1, "drop probability (the DropBlock paper's best ResNet-50 keep_prob 0.9)", lo=0, hi=1,
                       hi_open=True)
@@ -424,7 +434,7 @@ class DropBlock(Regularizer):
         makers = drop_blocks(self.p)[2:]  # timm's per-stage DropBlock2d factories (None when p == 0)
         for blocks, make in zip(stages, makers):
             for block in blocks if make is not None else []:
-                block.register_forward_hook(_DropBlockHook(make()))
+                _drop_block_site(block).register_forward_hook(_DropBlockHook(make()))
         return model
 
 
@@ -501,9 +511,13 @@ class LabelSmoothing(Regularizer):
 
 
 # ---------------------------------------------------------------- entries: loss terms
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, LAYER_TYPES) and isinstance(m.weight, torch.Tensor)]
+
+
 def _layer_weights(model: nn.Module) -> list[torch.Tensor]:
     """Conv/linear weights as the forward pass uses them (normalized when reparameterized)."""
-    return [m.weight for m in model.modules() if isinstance(m, LAYER_TYPES) and isinstance(m.weight, torch.Tensor)]
+    return [m.weight for m in _layers(model)]
 
 
 @register("weissi", order=50)
@@ -512,6 +526,11 @@ class WEISSI(Regularizer):
 
     lambda1: float = _param(1e-4, "coefficient of the log-norm term", lo=0)
     lambda2: float = _param(1e-4, "coefficient of the L1 norm of the normalized weights", lo=0)
+
+    def decay_exempt(self, model: nn.Module) -> list[torch.Tensor]:
+        # Plain L2 on the same weights would undo what WEISSI is for: it is not invariant to the scale shift
+        # W_l -> gamma_l W_l (prod gamma_l = 1). So, as ENC, the weights it regularizes get no weight decay.
+        return [raw_weight(m) for m in _layers(model)]
 
     def penalty(self, model: nn.Module, weight_decay: float) -> torch.Tensor | None:
         terms = []

@@ -1,5 +1,7 @@
 """A training run's folder: config.json, checkpoint.pt, metrics.csv (one row per epoch), model_card.json and, when
-asked, exported.pt. Deciding whether a folder is fresh, finished or to be resumed, and writing its files atomically."""
+asked, exported.pt (the baked model as a robust-enc checkpoint) and exported.ts (the same model as TorchScript,
+loadable with plain ``torch.jit.load``). Deciding whether a folder is fresh, finished or to be resumed, and writing
+its files atomically."""
 
 from __future__ import annotations
 
@@ -7,8 +9,13 @@ import csv
 import dataclasses
 import json
 import math
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 from robust_enc.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from robust_enc.config import config_to_dict
@@ -21,8 +28,14 @@ if TYPE_CHECKING:
     from robust_enc.train.loop import TrainConfig
 
 NAN = float("nan")
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "weight_sq_norm", "gbr",
-                  "gbr_stderr", "wall_s", "samples_seen", "images_per_s")  # then one "norm:<layer>" per conv/linear
+EXPORT_NAME = "exported.pt"  # the baked plain model, robust-enc checkpoint format
+TORCHSCRIPT_NAME = "exported.ts"  # the same model traced: torch.jit.load needs nothing but torch
+# train_top1_running: per epoch, the fraction of hard labels the train-mode logits got right on the augmented/mixed
+# batches (cheap, but far from the clean accuracy under mixup/cutmix/cutout). train_top1: clean top-1 in eval mode on
+# a fixed class-balanced subset of the training split (evaluation transform), measured at the last epoch only (NaN
+# before); it is the checkpoint's and model card's train_top1, which attack rows use for the generalization gap.
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1_running", "train_top1", "val_top1", "val_top5",
+                  "weight_sq_norm", "gbr", "gbr_stderr", "wall_s", "samples_seen", "images_per_s")  # then norm:<layer>
 # Settings that say how a run is executed, not what it computes: they may differ between a run and its resumption.
 RUN_ONLY_FIELDS = frozenset({"data_dir", "download", "device", "workers", "out_dir", "resume", "export", "compile",
                              "channels_last"})
@@ -78,6 +91,14 @@ def _decide_on_rank0(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoin
     return kind, ckpt
 
 
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row written before train_top1 meant the clean accuracy (its train_top1 was the running one), in
+    today's columns; newer rows come back as they are."""
+    if "train_top1_running" in row:
+        return row
+    return {**row, "train_top1_running": row.get("train_top1", NAN), "train_top1": NAN}
+
+
 def _nan_to_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -95,22 +116,39 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
     return write_atomic(path, write)
 
 
+def write_torchscript(path: Path, model: nn.Module, input_shape: Sequence[int]) -> Path:
+    """``torch.jit.trace`` of the eval-mode ``model`` (Normalize layer included) on one random (1, C, H, W) image in
+    [0, 1], saved atomically: ``torch.jit.load(path)`` gives the logits with plain torch, no robust-enc needed. Eval
+    mode only: the train-time hooks (dropout, DropBlock) are Python branches the trace does not keep."""
+    model = model.eval()
+    example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        # This torch marks torch.jit deprecated in favour of torch.export; a TorchScript file still loads with torch
+        # alone (no defining code) as an nn.Module that ART's PyTorchClassifier wraps, so keep it, quietly.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        traced = torch.jit.trace(model, example)
+        return write_atomic(path, lambda f: torch.jit.save(traced, f), binary=True)
+
+
 def finish_run(run_dir: Path, config: TrainConfig) -> Path:
-    """Write model_card.json (and exported.pt when asked) from the final checkpoint; idempotent."""
+    """Write model_card.json (and, when asked, exported.pt and exported.ts) from the final checkpoint; idempotent."""
     ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    last = ckpt.metrics
+    last = upgrade_row(ckpt.metrics)
     card = {"run_id": ckpt.run_id, "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer,
             "dataset": config.dataset, "subset": config.subset, "epochs": int(ckpt.extra.get("epoch", 0)),
-            **{k: _nan_to_none(last.get(k, NAN)) for k in ("val_top1", "val_top5", "train_top1", "train_loss", "gbr",
-                                                          "gbr_stderr", "weight_sq_norm")},
+            **{k: _nan_to_none(last.get(k, NAN)) for k in ("val_top1", "val_top5", "train_top1", "train_top1_running",
+                                                          "train_loss", "gbr", "gbr_stderr", "weight_sq_norm")},
             "checkpoint_hash": ckpt.content_hash, "world_size": ckpt.extra.get("world_size", 1),
             "wall_s": sum(row["wall_s"] for row in ckpt.extra.get("history", [])),
             "config": config_to_dict(config), "versions": ckpt.versions}
     if config.export:
-        exported = run_dir / "exported.pt"
+        exported = run_dir / EXPORT_NAME
         spec = dataclasses.replace(ckpt.spec, regularizer=export_spec(ckpt.spec.regularizer))
-        card["exported_hash"] = save_checkpoint(exported, bake_model(model_from_checkpoint(ckpt)), spec,
-                                                run_id=ckpt.run_id, dataset_info=ckpt.dataset_info,
-                                                config=ckpt.config, metrics=ckpt.metrics)
+        baked = bake_model(model_from_checkpoint(ckpt))
+        card["exported_hash"] = save_checkpoint(exported, baked, spec, run_id=ckpt.run_id,
+                                                dataset_info=ckpt.dataset_info, config=ckpt.config,
+                                                metrics=ckpt.metrics)
+        write_torchscript(run_dir / TORCHSCRIPT_NAME, baked, ckpt.spec.input_shape)
+        card["exported_torchscript"] = TORCHSCRIPT_NAME
     write_text_atomic(run_dir / "model_card.json", json.dumps(card, indent=2, allow_nan=False) + "\n")
     return run_dir
