@@ -96,7 +96,13 @@ def train_briefly(model: nn.Module, steps: int, batch_size: int = 128) -> None:
 
 def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> list[tuple[str, float]]:
     """Where the suite's PGD-10 time goes: one cProfile'd run split into model compute inside ART, ART's own per-step
-    work, the suite's forward passes and the suite's own bookkeeping (seconds)."""
+    work, the suite's forward passes, the sanity checks and the suite's own bookkeeping (seconds).
+
+    The checks (``_Run._gradient_checks``: one clean gradient through ART's FGSM step, then one forward pass per eps
+    for the FGSM reference; ``predict_labels``: ART's predict on a few images) also call ART's forward and backward
+    and the model's forward: their gradient is the ``loss_gradient`` call made from ``fast_gradient.py`` (PGD's come
+    from its own module), so it is subtracted from the attack's model compute, and the rest of ``_gradient_checks``
+    (the reference's forward passes) from the suite's forward passes."""
     profile = cProfile.Profile()
     profile.enable()
     benchmark(model, data, info=info, attacks=("pgd",), eps=(EPS,), steps=10, device=device)
@@ -107,19 +113,30 @@ def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> 
         hits = [v[3] for k, v in stats.items() if k[2] == func and k[0].endswith(path)]
         return max(hits, default=0.0)  # the outermost call of a recursive/nested name
 
+    def cum_from(func: str, path: str, caller_path: str) -> float:
+        """Cumulative seconds of ``func`` when called from a function in ``caller_path``."""
+        return sum(edge[3] for k, v in stats.items() if k[2] == func and k[0].endswith(path)
+                   for caller, edge in v[4].items() if caller[0].endswith(caller_path))
+
     total = cum("run_evaluation", "runner.py")
     art = cum("_generate_batch", "projected_gradient_descent_pytorch.py")
     art_forward = cum("forward", "classification/pytorch.py")  # ART's model wrapper
     backward = cum("<method 'run_backward' of 'torch._C._EngineBase' objects>")
     all_forward = cum("forward", "robust_enc/models.py")  # NormalizedModel.forward, every caller
+    check_gradient = cum_from("loss_gradient", "classification/pytorch.py", "fast_gradient.py")
+    check_predict = cum("predict_labels", "art_adapter.py")
+    checks = cum("_gradient_checks", "runner.py") + check_predict
+    reference_forward = checks - check_gradient - check_predict
+    attack_compute = art_forward + backward - check_gradient - check_predict
     return [
         ("total (run_evaluation)", total),
-        ("model forward + backward inside ART's PGD steps", art_forward + backward),
+        ("model forward + backward inside ART's PGD steps", attack_compute),
         ("ART's own per-step work (mode switches, zero_grad, numpy/torch, sign, clip, projection)",
-         art - art_forward - backward),
-        ("suite's clean and adversarial forward passes", all_forward - art_forward),
-        ("suite's own bookkeeping (numpy copies, masks, counts, checks, ART objects)",
-         total - art - (all_forward - art_forward)),
+         art - attack_compute),
+        ("suite's clean and adversarial forward passes", all_forward - art_forward - reference_forward),
+        ("sanity checks: one clean gradient + FGSM reference per batch, ART predict on 16 images", checks),
+        ("suite's own bookkeeping (numpy copies, masks, counts, flags, ART objects)",
+         total - art - (all_forward - art_forward - reference_forward) - checks),
     ]
 
 

@@ -115,6 +115,25 @@ def bench_imagenet_classes(args: argparse.Namespace, device: torch.device) -> li
     return lines
 
 
+def bench_train_mode(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Train mode (BN batch statistics) against eval mode on ResNet-20: train mode takes each example's own Jacobian
+    block, one vector-Jacobian product per (example, class) pair, so it should cost about batch-size times more."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet20", 10, (1, 28, 28), (0.2860,), (0.3530,)))
+    brief_training(model, args.train_steps, args.batch_size)
+    batches = load_batches("fashion-mnist", "test", args.train_mode_n, args.train_mode_batch_size)
+    measure_gbr(model, [(batches[0][0][:4], batches[0][1][:4])], train_mode=True, device=device)  # warm-up
+    lines = []
+    for method, probes in (("exact", 1), ("hutchinson", 1)):
+        eval_run, eval_s = timed(lambda: measure_gbr(model, batches, method=method, probes=probes, device=device))
+        train_run, train_s = timed(lambda: measure_gbr(model, batches, method=method, probes=probes, device=device,
+                                                       train_mode=True))
+        label = "exact" if method == "exact" else f"hutchinson k={probes}"
+        lines.append(f"| {label} | {eval_s:.2f} | {train_s:.2f} | {train_s / eval_s:.0f}x | {eval_run.mean:.4g} | "
+                     f"{train_run.mean:.4g} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="Fashion-MNIST test images for ResNet-20")
@@ -123,6 +142,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="probe seeds per estimator setting (errors averaged)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=30, help="SGD steps before measuring ResNet-20")
+    parser.add_argument("--train-mode-n", type=int, default=64, help="images for the train-mode cost rows")
+    parser.add_argument("--train-mode-batch-size", type=int, default=32,
+                        help="batch of the train-mode rows (their cost per image grows with the batch)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -134,6 +156,7 @@ def main() -> None:
     load = os.getloadavg()
     small = bench_resnet20(args, device)
     big = bench_imagenet_classes(args, device)
+    train_mode = bench_train_mode(args, device)
     text = "\n".join([
         "## gbr: exact Jacobian vs Hutchinson estimator",
         "",
@@ -156,6 +179,16 @@ def main() -> None:
         "extrapolated as one forward + 1,000 backward passes from the measured cost of 3 extra probes.",
         "",
         header, *big,
+        "",
+        f"Train mode (`--train-mode`), ResNet-20 as above, N = {args.train_mode_n}, batch "
+        f"{args.train_mode_batch_size}: BN "
+        "normalizes with each batch's statistics, so every example's own Jacobian block is taken (one "
+        "vector-Jacobian product per example and class, batched with is_grads_batched) instead of one backward per "
+        "class for the whole batch.",
+        "",
+        "| method | eval s | train s | train / eval | GBR eval | GBR train |",
+        "|---|---|---|---|---|---|",
+        *train_mode,
     ])
     print(text)
     if not args.no_write:

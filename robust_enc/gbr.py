@@ -11,6 +11,13 @@ or ``loss`` (per-example cross-entropy). Two ways to get each example's squared 
 
 Per-example values never depend on batching in eval mode: each output is summed over the batch before the
 backward pass, and example i's output depends only on x_i, so the gradient w.r.t. x_i is that example's own.
+
+Train mode is different: BatchNorm normalizes with the batch's statistics, so f(x_i) depends on every x_j of its
+batch and the gradient of a batch-summed output gives x_i the cross terms d f(x_j) / d x_i as well (measured on
+resnet_tiny, 8 random images: 19.0 instead of the true 48.3). Train-mode values are therefore the diagonal blocks
+d f(x_i) / d x_i (with the statistics of the batch x_i is in), one vector-Jacobian product per (example, output) pair
+(exact: B * K per batch of B; hutchinson: B per probe), batched with ``is_grads_batched``. That is B times the
+eval-mode cost.
 """
 
 from __future__ import annotations
@@ -124,9 +131,39 @@ def draw_probes(batch: int, probes: int, num_outputs: int, generator: torch.Gene
     return bits.float().mul_(2).sub_(1)
 
 
+# Elements of the input gradients one batched backward may hold in train mode ([chunk, B, C, H, W] float32: 4 MiB).
+# The batched gradients of the first conv layers are 5-16x larger (3 -> 64 channels at half the size in ResNet-50,
+# 1 -> 16 channels in resnet_tiny), so a chunk peaks around 100 MiB.
+COUPLED_CHUNK_ELEMENTS = 2**20
+
+
+def _diagonal_blocks(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_n ||d <weights[n], out[rows[n]]> / d x[rows[n]]||^2 per example: [B] float64.
+
+    Each vector-Jacobian product puts ``weights[n]`` [K] on the output row of example ``rows[n]`` only and keeps only
+    that example's block of the input gradient, so the cross terms d f(x_j) / d x_i that batch-coupled layers (train-
+    mode BatchNorm) create are left out. The products run in chunks through ``is_grads_batched`` (vmap'd backward)."""
+    batch = x.shape[0]
+    values = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    chunk = max(1, COUPLED_CHUNK_ELEMENTS // max(1, x.numel()))
+    for start in range(0, len(rows), chunk):
+        r, w = rows[start:start + chunk], weights[start:start + chunk]
+        picked = torch.arange(len(r), device=x.device)
+        grad_out = torch.zeros(len(r), *out.shape, dtype=out.dtype, device=out.device)
+        grad_out[picked, r] = w
+        (g,) = torch.autograd.grad(out, x, grad_out, retain_graph=start + chunk < len(rows), is_grads_batched=True,
+                                   materialize_grads=True)
+        values.index_add_(0, r, g[picked, r].flatten(1).double().pow(2).sum(1))
+    return values
+
+
 def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, output_fn: OutputFn, method: str,
-                 probes: int, max_exact_classes: int, generator: torch.Generator | None) -> tuple[torch.Tensor, str]:
-    """Per-example squared Frobenius norms [B] (float64, on the CPU) and the method that ran."""
+                 probes: int, max_exact_classes: int, generator: torch.Generator | None,
+                 coupled: bool = False) -> tuple[torch.Tensor, str]:
+    """Per-example squared Frobenius norms [B] (float64, on the CPU) and the method that ran.
+
+    ``coupled``: the examples of the batch depend on each other (train-mode BatchNorm): take each example's own
+    diagonal Jacobian block, B times the backward passes (see the module doc)."""
     x = x.detach().requires_grad_(True)  # a new leaf: the caller's tensor is untouched
     with torch.enable_grad():
         out = output_fn(model(x), y)
@@ -134,7 +171,18 @@ def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, outp
             raise UserError(f"the model's output has shape {tuple(out.shape)}; gbr needs [batch, classes]")
         num_outputs = out.shape[1]
         method = _resolve_method(method, num_outputs, max_exact_classes)
-        values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        batch = x.shape[0]
+        if coupled:
+            examples = torch.arange(batch, device=x.device)
+            if method == "exact":  # (example i, class c) for every pair: one-hot weights
+                rows = examples.repeat_interleave(num_outputs)
+                weights = torch.eye(num_outputs, dtype=out.dtype, device=out.device).repeat(batch, 1)
+                return _diagonal_blocks(out, x, rows, weights).cpu(), method
+            v = draw_probes(batch, probes, num_outputs, generator).to(device=out.device, dtype=out.dtype)
+            rows = examples.repeat(probes)  # probe-major: (probe j, example i) -> v[i, j]
+            weights = v.transpose(0, 1).reshape(-1, num_outputs)
+            return (_diagonal_blocks(out, x, rows, weights) / probes).cpu(), method
+        values = torch.zeros(batch, dtype=torch.float64, device=x.device)
         if method == "exact":
             # Row c of every example's Jacobian in one backward: sum over the batch of output c (see module doc).
             for c in range(num_outputs):
@@ -188,15 +236,16 @@ def measuring(model: nn.Module, *, train_mode: bool = False) -> Iterator[None]:
 
 def per_example_gbr(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, output: str = "logits",
                     method: str = "exact", probes: int = 4, generator: torch.Generator | None = None,
-                    max_exact_classes: int = 100) -> torch.Tensor:
+                    max_exact_classes: int = 100, train_mode: bool = False) -> torch.Tensor:
     """||d f(x_i) / d x_i||_F^2 for each example of x [B, C, H, W] (pixel units): a float64 tensor [B] on the CPU.
 
-    Uses the model in its current mode (call ``model.eval()`` first for batch-independent values) on x's device;
-    parameters are frozen meanwhile, so no ``.grad`` is left. ``generator`` (a CPU generator) draws hutchinson probes.
+    Measured in eval mode (batch-independent values) unless ``train_mode`` (BN batch statistics of x; each example's
+    own Jacobian block, B times the cost), on x's device; the model's modes, requires_grad flags and buffers are
+    restored and no ``.grad`` is left. ``generator`` (a CPU generator) draws hutchinson probes.
     """
     fn = _check_options(output, method, probes, max_exact_classes)
-    with frozen_parameters(model):
-        return _per_example(model, x, y, fn, method, probes, max_exact_classes, generator)[0]
+    with measuring(model, train_mode=train_mode):
+        return _per_example(model, x, y, fn, method, probes, max_exact_classes, generator, coupled=train_mode)[0]
 
 
 def summarize(values: torch.Tensor, *, output: str, method: str, probes: int, wall_s: float) -> GBRResult:
@@ -233,21 +282,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
-                method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
-                train_mode: bool = False, seed: int = 0, max_exact_classes: int = 100,
-                return_values: bool = False) -> GBRResult | tuple[GBRResult, torch.Tensor]:
-    """Eq. 18 over ``batches`` of (x [B, C, H, W] in [0, 1], y [B] int64): mean, standard error, 95% CI and the
-    per-example distribution.
-
-    ``method``: ``exact`` (one backward per output), ``hutchinson`` (``probes`` Rademacher probes per example) or
-    ``auto`` (exact when the model has <= ``max_exact_classes`` outputs). The model is measured in eval mode (BN
-    folded, examples independent) unless ``train_mode``; its mode, requires_grad flags, buffers and device are
-    restored afterwards and no parameter ``.grad`` is written. ``device`` None = where the model already is.
-    ``return_values`` also returns the per-example values [n] (float64, CPU).
-    """
+def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
+               method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
+               train_mode: bool = False, seed: int = 0, batch_seed: Callable[[int], int] | None = None,
+               max_exact_classes: int = 100) -> tuple[torch.Tensor, str]:
+    """Per-example values [n] (float64, CPU; n may be 0: no error, so a rank with an empty shard can still join the
+    reduction) and the method that ran. Arguments as ``measure_gbr``."""
     fn = _check_options(output, method, probes, max_exact_classes)
-    start = time.perf_counter()
     original_device = _model_device(model)
     device = torch.device(device) if device is not None else original_device
     generator = torch.Generator().manual_seed(seed)  # CPU: probes independent of device and batching
@@ -256,18 +297,44 @@ def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     try:
         model.to(device)
         with measuring(model, train_mode=train_mode):
-            for x, y in batches:
+            for j, (x, y) in enumerate(batches):
                 if len(x) == 0:  # a batch whose images were all unreadable
                     continue
                 if train_mode and len(x) == 1:  # train-mode BN needs batch statistics of two or more examples
                     raise UserError("train-mode GBR got a batch of 1 example (BatchNorm needs >= 2): choose a "
                                     "--batch-size or --subset that leaves no single-example last batch")
+                if batch_seed is not None:
+                    generator = torch.Generator().manual_seed(batch_seed(j))
                 values, ran = _per_example(model, x.to(device), y.to(device) if y is not None else None, fn, method,
-                                           probes, max_exact_classes, generator)
+                                           probes, max_exact_classes, generator, coupled=train_mode)
                 chunks.append(values)
     finally:
         model.to(original_device)
-    values = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)), ran
+
+
+def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
+                method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
+                train_mode: bool = False, seed: int = 0, batch_seed: Callable[[int], int] | None = None,
+                max_exact_classes: int = 100,
+                return_values: bool = False) -> GBRResult | tuple[GBRResult, torch.Tensor]:
+    """Eq. 18 over ``batches`` of (x [B, C, H, W] in [0, 1], y [B] int64): mean, standard error, 95% CI and the
+    per-example distribution.
+
+    ``method``: ``exact`` (one backward per output), ``hutchinson`` (``probes`` Rademacher probes per example) or
+    ``auto`` (exact when the model has <= ``max_exact_classes`` outputs). The model is measured in eval mode (BN
+    folded, examples independent) unless ``train_mode``: then BN uses each batch's statistics and example i's value is
+    its own Jacobian block d f(x_i) / d x_i, at B times the cost (B * K backward passes per batch exact, B per probe
+    hutchinson). Its mode, requires_grad flags, buffers and device are restored afterwards and no parameter ``.grad``
+    is written. ``device`` None = where the model already is. Probes come from one CPU generator seeded with ``seed``,
+    or, with ``batch_seed``, batch j's from a generator seeded with ``batch_seed(j)`` (sharded runs: the same probes
+    for a global batch on whichever rank it lands). ``return_values`` also returns the per-example values [n]
+    (float64, CPU).
+    """
+    start = time.perf_counter()
+    values, ran = gbr_values(model, batches, output=output, method=method, probes=probes, device=device,
+                             train_mode=train_mode, seed=seed, batch_seed=batch_seed,
+                             max_exact_classes=max_exact_classes)
     result = summarize(values, output=output, method=ran, probes=probes, wall_s=time.perf_counter() - start)
     log.info("gbr %s (%s): %.4g +- %.2g over %d examples in %.1f s", output, ran, result.mean, result.stderr,
              result.n, result.wall_s)
@@ -291,7 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "hutchinson (random projections)")
     gbr.add_argument("--probes", type=int, default=4, help="Rademacher probes per example for hutchinson")
     gbr.add_argument("--max-exact-classes", type=int, default=100, help="auto uses exact up to this many outputs")
-    gbr.add_argument("--train-mode", action="store_true", help="measure in train mode (BN batch statistics)")
+    gbr.add_argument("--train-mode", action="store_true",
+                     help="measure in train mode: BN uses each batch's statistics and each example's own Jacobian "
+                          "block is taken, which costs --batch-size times the eval-mode backward passes")
     gbr.add_argument("--seed", type=int, default=0, help="seed of the hutchinson probes")
     add_device_argument(parser)
     parser.add_argument("--json", default=None, help="also write the result (and its provenance) to this JSON file")
@@ -353,8 +422,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]GBR[/bold] ({result.output}, {result.method}{probes}, {mode} mode) of "
                   f"{escape(str(provenance['run_id']))} on {escape(info.name)}/{escape(info.split)}: "
                   f"[bold]{result.mean:.6g}[/bold] ± {result.stderr:.3g} (stderr)")
-    console.print(f"  95% CI [{result.ci_low:.6g}, {result.ci_high:.6g}], n = {result.n}; per sample median "
-                  f"{result.median:.4g}, p05 {result.p05:.4g}, p95 {result.p95:.4g}; {result.wall_s:.1f} s")
+    # escape: rich reads "[nan, nan]" (n = 1) as a markup tag and drops it.
+    console.print(escape(f"  95% CI [{result.ci_low:.6g}, {result.ci_high:.6g}], n = {result.n}; per sample median "
+                         f"{result.median:.4g}, p05 {result.p05:.4g}, p95 {result.p95:.4g}; {result.wall_s:.1f} s"))
     if args.json:
         payload = {**provenance, "dataset": info.name, "split": info.split, "subset": args.subset,
                    "train_mode": args.train_mode, "seed": args.seed, "device": str(device),

@@ -17,7 +17,7 @@ from torch import nn
 from robust_enc.attacks import art_adapter
 from robust_enc.attacks.checks import RowStats, check_rows
 from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
-from robust_enc.attacks.runner import AttackConfig, benchmark, evaluate, progress_path
+from robust_enc.attacks.runner import AttackConfig, _measure_gbr, benchmark, evaluate, progress_path
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import DatasetInfo, TensorImages, build_dataset, build_loader
@@ -123,12 +123,18 @@ def test_pgd_stays_inside_ball_and_box(trained, test_batch, norm):
 def test_model_state_is_restored_after_an_attack(trained):
     model, _, _ = trained
     model.train()
+    frozen_bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    frozen_bn.eval()  # a mixed state (e.g. frozen BN while fine-tuning) must come back module by module
+    frozen_bn.weight.requires_grad_(False)
+    modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     rows = benchmark(model, "digits", attacks=("fgsm",), eps=(4 / 255,), subset=64, device="cpu")
-    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert [m.training for m in model.modules()] == modes and not frozen_bn.training
+    assert [p.requires_grad for p in model.parameters()] == flags
     for p, g in zip(model.parameters(), grads):  # ART's zero_grad/backward did not touch the weights' .grad
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    model.requires_grad_(True)
     model.eval()
     assert rows[0].n == 64
 
@@ -217,6 +223,18 @@ def test_checks_flag_each_failure():
     # within tolerance: float32 overshoot of ~2e-9 is not a failure
     ok = check_rows(rows[:1] + rows[2:3], [RowStats(), RowStats(max_perturbation=0.1 + 2e-9, attacked=90)])
     assert ok[1].flags == ""
+    # Without an fgsm row: the FGSM reference stands in, and ART's round trip is checked on every attack row.
+    alone = check_rows([rows[0], rows[4], rows[5]],
+                       [RowStats(), RowStats(iterative=True, attacked=90, fgsm_reference=0.2, roundtrip_checked=64,
+                                             roundtrip_mismatch=3),
+                        RowStats(white_box=False, attacked=90, fgsm_reference=0.2)])
+    assert alone[1].flags == "eps0_differs_from_clean(art_predict=3/64);iterative_weaker_than_fgsm(fgsm=0.2000)"
+    assert alone[2].flags == "black_box_stronger_than_white_box(white=0.5000)"  # PGD's row, not the FGSM reference
+    square_only = check_rows([rows[0], rows[5]], [RowStats(), RowStats(white_box=False, attacked=90,
+                                                                        fgsm_reference=0.2)])
+    assert square_only[1].flags == ""  # one FGSM step is no yardstick for a 1,000-query black-box attack
+    fine = check_rows([rows[0], rows[4]], [RowStats(), RowStats(iterative=True, attacked=90, fgsm_reference=0.6)])
+    assert fine[1].flags == ""
 
 
 class Softmaxed(nn.Module):
@@ -239,6 +257,19 @@ class Quantized(nn.Module):
         return self.model(torch.round(x))
 
 
+class Randomized(nn.Module):
+    """Adds large noise to the logits on every call: a randomized 'defense' whose predictions change between the
+    suite's clean pass and ART's forward passes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return logits + 100.0 * torch.randn_like(logits)
+
+
 def test_real_runs_raise_probability_and_gradient_masking_flags(trained):
     model, _, _ = trained
     rows = benchmark(Softmaxed(model), "digits", attacks=("fgsm",), eps=(8 / 255,), subset=64, device="cpu")
@@ -248,6 +279,40 @@ def test_real_runs_raise_probability_and_gradient_masking_flags(trained):
     by = {r.attack: r for r in rows}
     assert "zero_gradient=1.000" in by["fgsm"].flags and "zero_gradient=1.000" in by["pgd"].flags
     assert by["fgsm"].adv_top1 == by["fgsm"].clean_top1  # masked: the attack cannot move
+
+
+def test_gradient_masking_is_flagged_without_fgsm_in_the_run(trained):
+    """PGD's random start moves every input, so 'unchanged input' would never fire: the zero-gradient count comes
+    from the clean gradient of every batch; the square attack is compared with the PGD run beside it."""
+    model, _, _ = trained
+    rows = benchmark(Quantized(model), "digits", attacks=("pgd",), eps=(8 / 255,), subset=64, steps=2,
+                     random_start=True, device="cpu")
+    assert "zero_gradient=1.000" in rows[1].flags
+    rows = benchmark(Quantized(model), "digits", attacks=("square",), eps=(0.3,), subset=64, steps=20, device="cpu")
+    assert "zero_gradient=1.000" in rows[1].flags and "black_box" not in rows[1].flags  # no white-box row to beat
+    rows = benchmark(Quantized(model), "digits", attacks=("pgd", "square"), eps=(0.3,), subset=64, steps=20,
+                     random_start=False, device="cpu")
+    by = {r.attack: r for r in rows}
+    assert by["square"].adv_top1 < by["pgd"].adv_top1  # square really got through the masked gradients
+    assert "black_box_stronger_than_white_box" in by["square"].flags
+
+
+def test_iterative_weaker_than_fgsm_is_flagged_without_fgsm_in_the_run(trained, caplog):
+    model, _, _ = trained
+    rows = benchmark(model, "digits", attacks=("pgd",), eps=(16 / 255,), subset=64, steps=1, step_size=1e-6,
+                     random_start=False, device="cpu")  # a step size that cannot move: misconfigured PGD
+    assert "iterative_weaker_than_fgsm" in rows[1].flags
+    assert any("iterative_weaker_than_fgsm" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    rows = benchmark(model, "digits", attacks=("pgd",), eps=(16 / 255,), subset=64, steps=5, device="cpu")
+    assert rows[1].flags == ""  # a sound PGD beats its FGSM reference
+
+
+def test_eps0_check_compares_art_round_trip_with_clean_pass(trained):
+    model, _, _ = trained
+    rows = benchmark(Randomized(model), "digits", attacks=("fgsm",), eps=(0.0, 8 / 255), subset=64, device="cpu")
+    assert all("eps0_differs_from_clean(art_predict=" in r.flags for r in rows[1:])
+    rows = benchmark(model, "digits", attacks=("fgsm",), eps=(8 / 255,), subset=64, device="cpu")
+    assert rows[1].flags == ""
 
 
 # ------------------------------------------------------------------------------------------------ runner mechanics
@@ -310,6 +375,20 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(trained, uninterrupted
     assert other[0].n == 230
 
 
+def test_sharded_hutchinson_gbr_sums_to_the_one_process_totals():
+    """--gbr under torchrun: each rank measures its shard and the sums are reduced. With > 100 classes auto picks
+    hutchinson, whose probes are seeded per global batch, so 3 ranks give the one-process totals; a rank left with
+    no batch (6 ranks, 5 batches) reports zeros instead of raising while the others wait in all_reduce."""
+    data, info = build_dataset("synthetic:1x8x8:101:40", "test")
+    model = build_model(ModelSpec("resnet_tiny", 101, (1, 8, 8), info.mean, info.std)).eval()
+    config = AttackConfig(batch_size=8, seed=3, gbr=True)
+    cpu = torch.device("cpu")
+    one = _measure_gbr(model, data, config, cpu, 0, 1)
+    shards = [_measure_gbr(model, data, config, cpu, rank, 3) for rank in range(3)]
+    assert one[0] == 40 and [sum(column) for column in zip(*shards)] == pytest.approx(one, rel=1e-9)
+    assert _measure_gbr(model, data, config, cpu, 5, 6) == [0.0, 0.0, 0.0]
+
+
 def test_two_process_sharding_gives_the_same_totals(trained, uninterrupted, tmp_path):
     _, run, _ = trained
     single = uninterrupted
@@ -370,6 +449,26 @@ def test_bad_inputs_give_one_line_errors_and_no_rows(trained, tmp_path, capsys):
     empty.mkdir(parents=True)
     assert "cannot read image folder" in _bad(capsys, common + ["--dataset", f"folder:{empty.parent}"])
     assert "no checkpoint" in _bad(capsys, ["attack", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)])
+    assert not out.exists() and not list(tmp_path.glob("*.progress*"))
+
+
+def test_a_data_set_of_only_unreadable_images_is_a_user_error_and_writes_no_rows(tmp_path, capsys):
+    """The folder opens (the files have image names), every image fails to load in the runner's loop: one line,
+    exit 2, no NaN rows and no progress file left behind."""
+    root = tmp_path / "corrupt"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.png").write_bytes(b"not a png")
+    spec = ModelSpec("resnet_tiny", 2, (3, 224, 224), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    weights = tmp_path / "tiny3.pt"
+    torch.save(build_model(spec).net.state_dict(), weights)
+    out = tmp_path / "rows.csv"
+    assert main(["attack", "--model", "resnet_tiny", "--weights", str(weights), "--dataset", f"folder:{root}",
+                 "--attack", "fgsm,pgd", "--batch-size", "2", "--device", "cpu", "--gbr", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines (0/6 images), then the error
+    assert err[-1].startswith("robust-enc: error: no readable image") and "all 6" in err[-1], err
+    assert not any("error" in line for line in err[:-1])
     assert not out.exists() and not list(tmp_path.glob("*.progress*"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -182,6 +183,59 @@ def test_model_state_is_restored_and_no_grad_left(digits) -> None:
     assert not any(m.training for m in model.modules())
 
 
+def bn_mlp(seed: int = 0) -> nn.Sequential:
+    """A tiny MLP with BatchNorm1d: in train mode every example's output depends on the whole batch."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def jacobian_blocks(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force, train mode, on a copy: ||d f(x_i) / d x_i||^2 (the diagonal blocks of the whole batch's Jacobian)
+    and ||d sum_j f(x_j) / d x_i||^2 (what differentiating the batch-summed output gives), both [B] float64."""
+    model = copy.deepcopy(model).train()
+    jac = torch.autograd.functional.jacobian(model, x).double()  # [B, K, B, C, H, W]
+    batch = len(x)
+    diagonal = torch.stack([jac[i, :, i].pow(2).sum() for i in range(batch)])
+    summed = torch.stack([jac[:, :, i].sum(0).pow(2).sum() for i in range(batch)])
+    return diagonal, summed
+
+
+@pytest.mark.parametrize("build", [tiny_resnet, bn_mlp])
+def test_train_mode_gbr_is_each_examples_own_jacobian_block(digits, build) -> None:
+    """Train-mode BN couples the batch: GBR must be the diagonal block d f(x_i) / d x_i with that batch's statistics,
+    not the gradient of the batch-summed output (which adds the cross terms d f(x_j) / d x_i)."""
+    model = build()
+    x = digits[0][:6] if build is tiny_resnet else torch.randn(6, 1, 3, 4, generator=torch.Generator().manual_seed(1))
+    truth, summed = jacobian_blocks(model, x)
+    assert not torch.allclose(truth, summed, rtol=1e-2)  # the coupling is real on this model
+    values = per_example_gbr(model, x, train_mode=True)
+    assert torch.allclose(values, truth, rtol=1e-4)
+    result, batched = measure_gbr(model, [(x, torch.zeros(6, dtype=torch.long))], train_mode=True,
+                                  return_values=True)
+    assert torch.allclose(batched, truth, rtol=1e-4) and result.mean == pytest.approx(float(truth.mean()), rel=1e-4)
+    assert not torch.allclose(per_example_gbr(model, x), truth, rtol=1e-2)  # eval mode is another number
+
+
+def test_train_mode_hutchinson_converges_to_the_jacobian_blocks() -> None:
+    model = bn_mlp(1)
+    x = torch.randn(6, 1, 3, 4, generator=torch.Generator().manual_seed(2))
+    truth, _ = jacobian_blocks(model, x)
+    estimate = per_example_gbr(model, x, method="hutchinson", probes=3000, train_mode=True,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(estimate, truth, rtol=0.05)
+
+
+def test_per_example_gbr_measures_in_eval_mode_by_default(digits) -> None:
+    x = digits[0][:8]
+    model = tiny_resnet().train()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    values = per_example_gbr(model, x)
+    assert all(m.training for m in model.modules())  # the caller's mode is back
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert torch.allclose(values, per_example_gbr(model.eval(), x), rtol=1e-6)
+    assert torch.allclose(values, torch.cat([per_example_gbr(model, x[i:i + 1]) for i in range(8)]), rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_model_stays_where_it_was(digits) -> None:
@@ -301,6 +355,11 @@ def test_cli_end_to_end_writes_json(gbr_cli, run_dir, tmp_path, capsys) -> None:
                   "digits", "--subset", "40", "--device", "cpu", "--json", str(model_json)])
     assert rc == 0
     assert json.loads(model_json.read_text())["mean"] == pytest.approx(data["mean"], rel=1e-6)
+
+
+def test_cli_one_example_prints_the_nan_interval(gbr_cli, run_dir, capsys) -> None:
+    assert gbr_cli(["gbr", "--checkpoint", str(run_dir), "--subset", "1", "--device", "cpu"]) == 0
+    assert "95% CI [nan, nan], n = 1" in capsys.readouterr().out  # not eaten as rich markup
 
 
 def test_cli_hutchinson_and_loss(gbr_cli, run_dir, tmp_path) -> None:

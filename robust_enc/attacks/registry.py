@@ -52,13 +52,13 @@ class Plan:
 
 
 class Prepared:
-    """An attack ready for batches: ``start(x, y)`` once per batch, then ``at(eps)`` -> (x_adv, zero_gradient or
-    None). x: [B, C, H, W] float32 in [0, 1]; y: [B, K] one-hot float32."""
+    """An attack ready for batches: ``start(x, y)`` once per batch, then ``at(eps)`` -> x_adv [B, C, H, W] float32.
+    x: [B, C, H, W] float32 in [0, 1]; y: [B, K] one-hot float32."""
 
     def start(self, x: np.ndarray, y: np.ndarray) -> None:
         raise NotImplementedError
 
-    def at(self, eps: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def at(self, eps: float) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -74,9 +74,15 @@ class SweepFGSM(Prepared):
     def start(self, x: np.ndarray, y: np.ndarray) -> None:
         self.step = art_adapter.fgsm_direction(self.attack, x, y)
 
-    def at(self, eps: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def at(self, eps: float) -> np.ndarray:
         assert self.step is not None
-        return art_adapter.fgsm_apply(self.attack, self.step, eps), self.step.zero_gradient
+        return art_adapter.fgsm_apply(self.attack, self.step, eps)
+
+    @property
+    def zero_gradient(self) -> np.ndarray:
+        """[B] bool: examples of the last ``start`` batch whose clean loss gradient w.r.t. the input is all zero."""
+        assert self.step is not None
+        return self.step.zero_gradient
 
 
 class PerEps(Prepared):
@@ -94,12 +100,12 @@ class PerEps(Prepared):
     def start(self, x: np.ndarray, y: np.ndarray) -> None:
         self.x, self.y = x, y
 
-    def at(self, eps: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def at(self, eps: float) -> np.ndarray:
         assert self.x is not None and self.y is not None
         if eps == 0:
-            return self.x.copy(), None
+            return self.x.copy()
         self.reseed(eps)  # random starts draw from numpy's global RNG
-        return self.run(self.attacks[eps], self.x, self.y), None
+        return self.run(self.attacks[eps], self.x, self.y)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from robust_enc.attacks import art_adapter
 from robust_enc.attacks.checks import RowStats, check_rows
-from robust_enc.attacks.registry import ATTACKS, AttackSettings, Plan, Prepared, parse_attacks, parse_eps
+from robust_enc.attacks.registry import ATTACKS, AttackSettings, Plan, Prepared, SweepFGSM, parse_attacks, parse_eps
 from robust_enc.attacks.state import (
     ShardSampler,
     Tallies,
@@ -54,6 +54,9 @@ from robust_enc.results import ResultRow, append_results, library_versions
 
 log = logging.getLogger(__name__)
 
+REFERENCE = "fgsm-reference"  # tallies of the FGSM reference the checks compare with when fgsm is not run (no row)
+PROGRESS_FORMAT = 2  # bump when the tallies' keys or fields change: older progress files are then not resumed
+ROUNDTRIP_EXAMPLES = 16  # examples of each session's first batch that ART's predict re-classifies (the eps-0 check)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInf
         settings.pop(name)
     payload = {"config": settings, "checkpoint": provenance.checkpoint_hash, "run_id": provenance.run_id,
                "dataset": info.name, "split": info.split, "size": info.size, "rank": rank, "world": world,
-               "art": library_versions().get("art_version", "")}
+               "art": library_versions().get("art_version", ""), "format": PROGRESS_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -137,11 +140,19 @@ class _Run:
         if self.multi:
             for e in eps:
                 self.tallies[tally_key("worst", e)] = new_tally()
+        self.use_reference = all(plan.name != "fgsm" for plan in plans)
+        if self.use_reference:
+            for e in eps:
+                self.tallies[tally_key(REFERENCE, e)] = new_tally()
         self.batch = 0  # global index of the batch being attacked (seeds random starts)
         self.prepared: dict[str, Prepared] = {}
+        self.gradient: SweepFGSM | None = None  # the per-batch clean gradient: FGSM's own, or the reference's
+        self.classifier: Any = None
+        self.roundtrip_done = False  # ART predict vs the clean pass: once per process and session
 
     def prepare(self, classifier: Any) -> None:
         """Build every ART attack object before the first batch: ART's own parameter checks run up front."""
+        self.classifier = classifier
         for plan in self.plans:
             entry = ATTACKS.get(plan.name)
 
@@ -152,6 +163,13 @@ class _Run:
                 self.prepared[plan.name] = entry.prepare(classifier, self.eps, plan, self.config.batch_size, reseed)
             except (ValueError, TypeError) as err:
                 raise UserError(f"attack {plan.name}: ART rejected the settings ({err})") from None
+        if self.use_reference:  # no fgsm in the run: the checks still need one gradient per batch
+            entry = ATTACKS.get("fgsm")
+            plan = entry.plan("fgsm", self.config.settings(), self.info.num_classes)
+            self.gradient = entry.prepare(classifier, self.eps, plan, self.config.batch_size, lambda eps: None)
+        else:
+            self.gradient = self.prepared["fgsm"]
+        assert isinstance(self.gradient, SweepFGSM)
 
     def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top1 = logits.argmax(1) == y
@@ -168,13 +186,23 @@ class _Run:
             logits = model(x)
         clean1, clean5 = self._correct(logits, y)
         prob_like = (((logits >= 0) & (logits <= 1)).all(1) & ((logits.sum(1) - 1).abs() < 1e-3)).sum()
-        t = self.tallies[tally_key("none", 0.0)]
-        t["n"] += len(y)
-        t["clean1"] += int(clean1.sum())
-        t["clean5"] += int(clean5.sum())
-        t["adv1"], t["adv5"] = t["clean1"], t["clean5"]
-        t["prob_like"] += int(prob_like)
-        t["wall_s"] += time.perf_counter() - started
+        clean = self.tallies[tally_key("none", 0.0)]
+        clean["n"] += len(y)
+        clean["clean1"] += int(clean1.sum())
+        clean["clean5"] += int(clean5.sum())
+        clean["adv1"], clean["adv5"] = clean["clean1"], clean["clean5"]
+        clean["prob_like"] += int(prob_like)
+        if not self.roundtrip_done:
+            # The eps-0 check: every attack sees the batch through ART's numpy round trip, so ART's predictions must
+            # be the clean pass's. On the first ROUNDTRIP_EXAMPLES of each session: a conversion bug is systematic and
+            # shows on any examples, while ART's predict on every batch would add ~20% to an FGSM run (measured on 32
+            # images of ResNet-20/Fashion-MNIST: 1.3% of a 512-image run).
+            self.roundtrip_done = True
+            k = min(len(y), ROUNDTRIP_EXAMPLES)
+            art = art_adapter.predict_labels(self.classifier, art_adapter.to_numpy_images(x_cpu[:k]), k)
+            clean["roundtrip_checked"] += k
+            clean["roundtrip_mismatch"] += int((art != logits[:k].argmax(1).cpu().numpy()).sum())
+        clean["wall_s"] += time.perf_counter() - started
 
         # Attack only what is right clean: the rest is not robust whatever the attack does.
         attack_mask = clean5 if self.topk else clean1
@@ -198,8 +226,7 @@ class _Run:
                 t["clean5"] += int(clean5.sum())
                 t["attacked"] += len(idx)
                 if len(idx):
-                    x_adv_np, zero = prepared.at(e)
-                    x_adv = torch.from_numpy(x_adv_np).to(device)
+                    x_adv = torch.from_numpy(prepared.at(e)).to(device)
                     with torch.no_grad():
                         ok1_sub, ok5_sub = self._correct(model(x_adv), ya)
                     ok1 = torch.zeros_like(clean1)
@@ -215,10 +242,6 @@ class _Run:
                         kept = x_adv[finite]
                         excess = max(float(-kept.min()), float(kept.max()) - 1.0, 0.0)
                         t["box_excess"] = max(t["box_excess"], excess)
-                    if e > 0:
-                        unchanged = (torch.from_numpy(zero) if zero is not None
-                                     else (x_adv == xa).flatten(1).all(1).cpu())
-                        t["zero_grad"] += int(unchanged.sum())
                     t["adv1"] += int(adv1.sum())
                     t["adv5"] += int(adv5.sum())
                     w = worst[e]
@@ -227,6 +250,8 @@ class _Run:
                 elapsed = time.perf_counter() - started + shared
                 t["wall_s"] += elapsed
                 worst[e][2] += elapsed
+        if len(idx):
+            self._gradient_checks(x_np, y_np, ya, idx, clean1)
         if self.multi:
             for e, (w1, w5, elapsed) in worst.items():
                 t = self.tallies[tally_key("worst", e)]
@@ -242,6 +267,27 @@ class _Run:
                     t["nonfinite"] = max(t["nonfinite"], sub["nonfinite"])
                     t["max_pert"] = max(t["max_pert"], sub["max_pert"])
                     t["box_excess"] = max(t["box_excess"], sub["box_excess"])
+
+    def _gradient_checks(self, x_np: Any, y_np: Any, ya: torch.Tensor, idx: torch.Tensor,
+                         clean1: torch.Tensor) -> None:
+        """Zero-gradient count and, without fgsm in the run, the FGSM reference: from one clean loss gradient per
+        batch (FGSM's own when it runs: no extra cost), then one forward pass per eps. Its time goes to the clean
+        row (the sanity checks' share of the run)."""
+        started = time.perf_counter()
+        assert self.gradient is not None
+        if self.use_reference:
+            self.gradient.start(x_np, y_np)
+            for e in self.eps:
+                with torch.no_grad():
+                    ok = self.model(torch.from_numpy(self.gradient.at(e)).to(self.device)).argmax(1) == ya
+                t = self.tallies[tally_key(REFERENCE, e)]
+                t["n"] += len(clean1)
+                t["clean1"] += int(clean1.sum())
+                t["adv1"] += int((clean1[idx] & ok).sum())  # robust: right clean and under the FGSM step
+        clean = self.tallies[tally_key("none", 0.0)]
+        clean["zero_grad"] += int(self.gradient.zero_gradient.sum())
+        clean["attacked"] += len(idx)
+        clean["wall_s"] += time.perf_counter() - started
 
     def running(self) -> dict[str, float]:
         """Robust accuracy so far at the largest eps, per attack (and worst)."""
@@ -280,13 +326,20 @@ def _rows(run: _Run, provenance: Provenance, gbr: tuple[float, float] | None) ->
     rows = [row("none", "none", 0.0, clean)]
     prob = clean["prob_like"] / clean["n"] if clean["n"] else 0.0
     stats = [RowStats(probability_fraction=prob)]
+    # Run-level facts every attack row is checked against: one clean gradient per batch, ART's round trip.
+    model_facts = dict(attacked=int(clean["attacked"]), zero_gradient=int(clean["zero_grad"]),
+                       probability_fraction=prob, roundtrip_checked=int(clean["roundtrip_checked"]),
+                       roundtrip_mismatch=int(clean["roundtrip_mismatch"]))
     for plan in run.plans:
         for e in run.eps:
             t = run.tallies[tally_key(plan.name, e)]
             rows.append(row(plan.name, plan.norm, e, t, steps=plan.steps,
                             step_size=plan.step_size_at(e) if e > 0 else 0.0, restarts=plan.restarts))
-            stats.append(RowStats(t["max_pert"], t["box_excess"], int(t["attacked"]), int(t["zero_grad"]),
-                                  plan.white_box, plan.iterative, prob, int(t["nonfinite"])))
+            ref = run.tallies.get(tally_key(REFERENCE, e))
+            stats.append(RowStats(max_perturbation=t["max_pert"], box_excess=t["box_excess"],
+                                  white_box=plan.white_box, iterative=plan.iterative, non_finite=int(t["nonfinite"]),
+                                  fgsm_reference=ref["adv1"] / ref["n"] if ref and ref["n"] else math.nan,
+                                  **model_facts))
     if run.multi:
         for e in run.eps:
             t = run.tallies[tally_key("worst", e)]
@@ -297,12 +350,17 @@ def _rows(run: _Run, provenance: Provenance, gbr: tuple[float, float] | None) ->
 
 def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, device: torch.device, rank: int,
                  world: int) -> list[float]:
-    """[n, sum, sum of squares] of per-example GBR over this rank's shard (combined across ranks by the caller)."""
-    from robust_enc.gbr import measure_gbr  # lazy: only runs with --gbr
+    """[n, sum, sum of squares] of per-example GBR over this rank's shard (combined across ranks by the caller).
+
+    An empty shard gives [0, 0, 0] rather than an error: the other ranks are waiting for it in ``all_reduce``."""
+    from robust_enc.gbr import gbr_values  # lazy: only runs with --gbr
 
     loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers,
                           sampler=ShardSampler(len(dataset), config.batch_size, rank, world))
-    _, values = measure_gbr(model, loader, output="logits", device=device, seed=config.seed, return_values=True)
+    # Hutchinson probes seeded per global batch (this rank's j-th batch is global batch rank + j * world), so the
+    # totals do not depend on the number of processes.
+    values, _ = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
+                           batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
     values = values.double()
     return [float(len(values)), float(values.sum()), float(values.pow(2).sum())]
 
@@ -363,8 +421,13 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             log.warning("%d unreadable images were skipped", skipped)
         gbr_sums = _measure_gbr(model, dataset, config, device, rank, world) if config.gbr else []
         all_reduce(run.tallies, gbr_sums, world, device)
+        if run.tallies[tally_key("none", 0.0)]["n"] == 0:  # after the reduction: every rank raises alike
+            if progress is not None:
+                progress.unlink(missing_ok=True)
+            raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
+                            "failed to load, see the warnings): fix or replace the files, or pass another --dataset")
         gbr = None
-        if gbr_sums:
+        if gbr_sums and gbr_sums[0] > 0:
             n, total_sum, total_sq = gbr_sums
             mean = total_sum / n
             var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else math.nan

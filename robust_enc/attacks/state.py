@@ -21,7 +21,10 @@ from robust_enc.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-SUM_FIELDS = ("n", "clean1", "clean5", "adv1", "adv5", "attacked", "zero_grad", "prob_like", "nonfinite")
+# zero_grad / attacked on the clean tally: examples with an all-zero clean loss gradient / examples it was taken on;
+# roundtrip_*: examples whose ART predict (numpy round trip) was compared with the clean pass / disagreed.
+SUM_FIELDS = ("n", "clean1", "clean5", "adv1", "adv5", "attacked", "zero_grad", "prob_like", "nonfinite",
+              "roundtrip_checked", "roundtrip_mismatch")
 MAX_FIELDS = ("max_pert", "box_excess", "wall_s")  # wall_s: summed over batches, max over ranks
 Tallies = dict[str, dict[str, float]]  # "attack@eps" -> counts and maxima
 
