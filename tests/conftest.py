@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -21,3 +25,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Seen once in ~10 loaded runs: a gloo rank aborts at interpreter exit ("terminate called without an active
+# exception", SIGABRT) after its work, files included, is done and its process group destroyed (PyTorch's gloo
+# teardown, cf. pytorch/pytorch#179291). Such a run is retried once; any other failure fails the test at once.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+@pytest.fixture
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m torch.distributed.run --standalone --nproc_per_node N -m MODULE ARGS`` on one thread each."""
+
+    def run(module: str, args: Sequence[str], *, nproc: int = 2, timeout: float = 300, cwd=None):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", module, *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+        if done.returncode != 0 and GLOO_TEARDOWN_ABORT in done.stderr:
+            warnings.warn("a gloo rank aborted at exit; retrying the torchrun once", stacklevel=2)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return run

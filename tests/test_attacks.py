@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -389,17 +386,13 @@ def test_sharded_hutchinson_gbr_sums_to_the_one_process_totals():
     assert _measure_gbr(model, data, config, cpu, 5, 6) == [0.0, 0.0, 0.0]
 
 
-def test_two_process_sharding_gives_the_same_totals(trained, uninterrupted, tmp_path):
+def test_two_process_sharding_gives_the_same_totals(trained, uninterrupted, tmp_path, torchrun):
     _, run, _ = trained
     single = uninterrupted
     out = tmp_path / "sharded.csv"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "robust_enc.cli", "attack", "--checkpoint", str(run), "--attack", "fgsm,pgd",
-               "--eps", "4/255,16/255", "--steps", "3", "--batch-size", "64", "--subset", "230", "--device", "cpu",
-               "--out", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("robust_enc.cli", ["attack", "--checkpoint", str(run), "--attack", "fgsm,pgd", "--eps", "4/255,16/255",
+                                "--steps", "3", "--batch-size", "64", "--subset", "230", "--device", "cpu",
+                                "--out", str(out)], timeout=240, cwd=REPO)
     sharded = read_results(out)
     assert measured(sharded) == measured(single)
     assert not list(tmp_path.glob("*.progress*"))

@@ -8,10 +8,7 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,15 +128,11 @@ def test_resume_is_bit_identical_and_finished_runs_are_skipped(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def test_ddp_two_processes_with_gloo_see_every_example_once(tmp_path):
+def test_ddp_two_processes_with_gloo_see_every_example_once(tmp_path, torchrun):
     out = tmp_path / "runs"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "robust_enc.train.cli", "--model", "resnet_tiny", "--dataset", "digits", "--subset", "37",
-               "--val-subset", "15", "--epochs", "2", "--batch-size", "16", "--gbr-probe-size", "0", "--device", "cpu",
-               "--out-dir", str(out), "--run-id", "ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("robust_enc.train.cli", ["--model", "resnet_tiny", "--dataset", "digits", "--subset", "37",
+                                      "--val-subset", "15", "--epochs", "2", "--batch-size", "16", "--gbr-probe-size",
+                                      "0", "--device", "cpu", "--out-dir", str(out), "--run-id", "ddp"], cwd=tmp_path)
     columns, rows = read_metrics(out / "ddp")
     assert [int(r["samples_seen"]) for r in rows] == [37, 37]  # batches of 16, 16, 5: 19 + 18, no padding
     card = json.loads((out / "ddp" / "model_card.json").read_text())
