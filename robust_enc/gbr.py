@@ -18,6 +18,16 @@ resnet_tiny, 8 random images: 19.0 instead of the true 48.3). Train-mode values 
 d f(x_i) / d x_i (with the statistics of the batch x_i is in), one vector-Jacobian product per (example, output) pair
 (exact: B * K per batch of B; hutchinson: B per probe), batched with ``is_grads_batched``. That is B times the
 eval-mode cost.
+
+Scale: eq. 18 on logits grows with the square of the logits' scale (logits c * z give c^2 * GBR and the same
+predictions), so a model can lower it by shrinking its logits without becoming any smoother. Every eval-mode
+measurement therefore also records scale-free companions on the same examples and forward pass:
+
+- ``logit_spread``: E_i ||z_i - mean_c(z_i)||^2, the squared norm of the class-centred logits (a constant added to
+  every logit changes no prediction, so it is removed);
+- ``gbr_scale_free`` = GBR / logit_spread (ratio of the two means): unchanged when the logits are scaled by any c;
+- ``gbr_loss``: eq. 18 with f = the per-example cross-entropy (one extra backward pass): the loss sensitivity that
+  FGSM follows.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +75,11 @@ def softmax_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor
     return logits.softmax(dim=1)
 
 
+@OUTPUTS.register("log-softmax", help="the log-probability vector (scale-bounded: it saturates as logits grow)")
+def log_softmax_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return logits.log_softmax(dim=1)
+
+
 @OUTPUTS.register("true-prob", help="the probability of the true label: A_s in the paper's theorem")
 def true_prob_output(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return logits.softmax(dim=1).gather(1, _labels(y, "true-prob").view(-1, 1))
@@ -95,6 +110,9 @@ class GBRResult:
     min: float
     max: float
     wall_s: float  # seconds, data loading included
+    logit_spread: float = math.nan  # E ||z - mean_c z||^2 of the class-centred logits; NaN when not measured
+    gbr_scale_free: float = math.nan  # logits GBR / logit_spread (only for output "logits")
+    gbr_loss: float = math.nan  # eq. 18 of the per-example cross-entropy, in (nats / pixel)^2
 
     @property
     def rel_stderr(self) -> float:
@@ -157,16 +175,33 @@ def _diagonal_blocks(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, wei
     return values
 
 
+class PerExample(NamedTuple):
+    """Per-example values of one batch, float64 on the CPU."""
+
+    values: torch.Tensor  # [B] ||d f(x_i) / d x_i||_F^2
+    method: str  # what ran: "exact" or "hutchinson"
+    logit_spread: torch.Tensor | None  # [B] ||z_i - mean_c z_i||^2; None when companions were not measured
+    loss_gbr: torch.Tensor | None  # [B] ||d CE(z_i, y_i) / d x_i||^2
+
+
+def _squared_input_gradient(scalar: torch.Tensor, x: torch.Tensor, retain_graph: bool) -> torch.Tensor:
+    """||d scalar / d x_i||^2 per example [B] float64, where ``scalar`` sums per-example terms over the batch."""
+    (g,) = torch.autograd.grad(scalar, x, retain_graph=retain_graph, materialize_grads=True)
+    return g.flatten(1).double().pow(2).sum(1)
+
+
 def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, output_fn: OutputFn, method: str,
                  probes: int, max_exact_classes: int, generator: torch.Generator | None,
-                 coupled: bool = False) -> tuple[torch.Tensor, str]:
-    """Per-example squared Frobenius norms [B] (float64, on the CPU) and the method that ran.
+                 coupled: bool = False, companions: bool = False) -> PerExample:
+    """Per-example squared Frobenius norms [B] and the method that ran; with ``companions`` (eval mode, labels
+    given) also the logit spread and the loss GBR from the same forward pass (one more backward).
 
     ``coupled``: the examples of the batch depend on each other (train-mode BatchNorm): take each example's own
     diagonal Jacobian block, B times the backward passes (see the module doc)."""
     x = x.detach().requires_grad_(True)  # a new leaf: the caller's tensor is untouched
     with torch.enable_grad():
-        out = output_fn(model(x), y)
+        logits = model(x)
+        out = output_fn(logits, y)
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise UserError(f"the model's output has shape {tuple(out.shape)}; gbr needs [batch, classes]")
         num_outputs = out.shape[1]
@@ -177,26 +212,27 @@ def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, outp
             if method == "exact":  # (example i, class c) for every pair: one-hot weights
                 rows = examples.repeat_interleave(num_outputs)
                 weights = torch.eye(num_outputs, dtype=out.dtype, device=out.device).repeat(batch, 1)
-                return _diagonal_blocks(out, x, rows, weights).cpu(), method
+                return PerExample(_diagonal_blocks(out, x, rows, weights).cpu(), method, None, None)
             v = draw_probes(batch, probes, num_outputs, generator).to(device=out.device, dtype=out.dtype)
             rows = examples.repeat(probes)  # probe-major: (probe j, example i) -> v[i, j]
             weights = v.transpose(0, 1).reshape(-1, num_outputs)
-            return (_diagonal_blocks(out, x, rows, weights) / probes).cpu(), method
+            return PerExample((_diagonal_blocks(out, x, rows, weights) / probes).cpu(), method, None, None)
+        companions = companions and y is not None
         values = torch.zeros(batch, dtype=torch.float64, device=x.device)
         if method == "exact":
             # Row c of every example's Jacobian in one backward: sum over the batch of output c (see module doc).
             for c in range(num_outputs):
-                (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c < num_outputs - 1,
-                                           materialize_grads=True)
-                values += g.flatten(1).double().pow(2).sum(1)
+                values += _squared_input_gradient(out[:, c].sum(), x, companions or c < num_outputs - 1)
         else:
             v = draw_probes(x.shape[0], probes, num_outputs, generator).to(device=out.device, dtype=out.dtype)
             for j in range(probes):
-                (g,) = torch.autograd.grad((out * v[:, j]).sum(), x, retain_graph=j < probes - 1,
-                                           materialize_grads=True)
-                values += g.flatten(1).double().pow(2).sum(1)
+                values += _squared_input_gradient((out * v[:, j]).sum(), x, companions or j < probes - 1)
             values /= probes  # each example's mean over its k probes: an unbiased estimate of its ||J||_F^2
-    return values.cpu(), method
+        if not companions:
+            return PerExample(values.cpu(), method, None, None)
+        spread = (logits - logits.mean(dim=1, keepdim=True)).detach().double().pow(2).sum(1)
+        loss_gbr = _squared_input_gradient(F.cross_entropy(logits, y, reduction="sum"), x, False)
+    return PerExample(values.cpu(), method, spread.cpu(), loss_gbr.cpu())
 
 
 @contextlib.contextmanager
@@ -245,11 +281,12 @@ def per_example_gbr(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = 
     """
     fn = _check_options(output, method, probes, max_exact_classes)
     with measuring(model, train_mode=train_mode):
-        return _per_example(model, x, y, fn, method, probes, max_exact_classes, generator, coupled=train_mode)[0]
+        return _per_example(model, x, y, fn, method, probes, max_exact_classes, generator, coupled=train_mode).values
 
 
-def summarize(values: torch.Tensor, *, output: str, method: str, probes: int, wall_s: float) -> GBRResult:
-    """GBRResult from per-example values [n].
+def summarize(values: torch.Tensor, *, output: str, method: str, probes: int, wall_s: float,
+              logit_spread: torch.Tensor | None = None, loss_gbr: torch.Tensor | None = None) -> GBRResult:
+    """GBRResult from per-example values [n] (and, when measured, the per-example companions [n]).
 
     Why the standard error over examples is the whole error bar, probe noise included: with hutchinson each value is
     e_i = g_i + noise_i, where g_i is example i's exact ||J||_F^2 and noise_i has mean 0 given x_i and is independent
@@ -270,10 +307,13 @@ def summarize(values: torch.Tensor, *, output: str, method: str, probes: int, wa
     else:
         stderr = half = math.nan
     q = torch.quantile(values, torch.tensor([0.5, 0.05, 0.95], dtype=torch.float64))
+    spread = float(logit_spread.double().mean()) if logit_spread is not None else math.nan
+    scale_free = mean / spread if output == "logits" and spread > 0 else math.nan
     return GBRResult(mean=mean, stderr=stderr, ci_low=mean - half, ci_high=mean + half, n=n, output=output,
                      method=method, probes=probes if method == "hutchinson" else 0, median=float(q[0]),
                      p05=float(q[1]), p95=float(q[2]), min=float(values.min()), max=float(values.max()),
-                     wall_s=wall_s)
+                     wall_s=wall_s, logit_spread=spread, gbr_scale_free=scale_free,
+                     gbr_loss=float(loss_gbr.double().mean()) if loss_gbr is not None else math.nan)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -285,15 +325,14 @@ def _model_device(model: nn.Module) -> torch.device:
 def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
                method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
                train_mode: bool = False, seed: int = 0, batch_seed: Callable[[int], int] | None = None,
-               max_exact_classes: int = 100) -> tuple[torch.Tensor, str]:
+               max_exact_classes: int = 100, companions: bool = True) -> PerExample:
     """Per-example values [n] (float64, CPU; n may be 0: no error, so a rank with an empty shard can still join the
-    reduction) and the method that ran. Arguments as ``measure_gbr``."""
+    reduction), the method that ran, and the companions (None in train mode). Arguments as ``measure_gbr``."""
     fn = _check_options(output, method, probes, max_exact_classes)
     original_device = _model_device(model)
     device = torch.device(device) if device is not None else original_device
     generator = torch.Generator().manual_seed(seed)  # CPU: probes independent of device and batching
-    chunks: list[torch.Tensor] = []
-    ran = method
+    parts: list[PerExample] = []
     try:
         model.to(device)
         with measuring(model, train_mode=train_mode):
@@ -305,18 +344,26 @@ def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
                                     "--batch-size or --subset that leaves no single-example last batch")
                 if batch_seed is not None:
                     generator = torch.Generator().manual_seed(batch_seed(j))
-                values, ran = _per_example(model, x.to(device), y.to(device) if y is not None else None, fn, method,
-                                           probes, max_exact_classes, generator, coupled=train_mode)
-                chunks.append(values)
+                parts.append(_per_example(model, x.to(device), y.to(device) if y is not None else None, fn, method,
+                                          probes, max_exact_classes, generator, coupled=train_mode,
+                                          companions=companions))
     finally:
         model.to(original_device)
-    return (torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)), ran
+
+    def joined(name: str) -> torch.Tensor | None:
+        chunks = [getattr(p, name) for p in parts]
+        if not chunks:
+            return torch.zeros(0, dtype=torch.float64)
+        return None if any(c is None for c in chunks) else torch.cat(chunks)
+
+    return PerExample(joined("values"), parts[-1].method if parts else method, joined("logit_spread"),
+                      joined("loss_gbr"))
 
 
 def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
                 method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
                 train_mode: bool = False, seed: int = 0, batch_seed: Callable[[int], int] | None = None,
-                max_exact_classes: int = 100,
+                max_exact_classes: int = 100, companions: bool = True,
                 return_values: bool = False) -> GBRResult | tuple[GBRResult, torch.Tensor]:
     """Eq. 18 over ``batches`` of (x [B, C, H, W] in [0, 1], y [B] int64): mean, standard error, 95% CI and the
     per-example distribution.
@@ -328,17 +375,20 @@ def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     hutchinson). Its mode, requires_grad flags, buffers and device are restored afterwards and no parameter ``.grad``
     is written. ``device`` None = where the model already is. Probes come from one CPU generator seeded with ``seed``,
     or, with ``batch_seed``, batch j's from a generator seeded with ``batch_seed(j)`` (sharded runs: the same probes
-    for a global batch on whichever rank it lands). ``return_values`` also returns the per-example values [n]
-    (float64, CPU).
+    for a global batch on whichever rank it lands). ``companions`` (eval mode): also the logit spread, the scale-free
+    GBR and the loss GBR (see the module doc; one more backward per batch). ``return_values`` also returns the
+    per-example values [n] (float64, CPU).
     """
     start = time.perf_counter()
-    values, ran = gbr_values(model, batches, output=output, method=method, probes=probes, device=device,
-                             train_mode=train_mode, seed=seed, batch_seed=batch_seed,
-                             max_exact_classes=max_exact_classes)
-    result = summarize(values, output=output, method=ran, probes=probes, wall_s=time.perf_counter() - start)
-    log.info("gbr %s (%s): %.4g +- %.2g over %d examples in %.1f s", output, ran, result.mean, result.stderr,
-             result.n, result.wall_s)
-    return (result, values) if return_values else result
+    measured = gbr_values(model, batches, output=output, method=method, probes=probes, device=device,
+                          train_mode=train_mode, seed=seed, batch_seed=batch_seed,
+                          max_exact_classes=max_exact_classes, companions=companions)
+    result = summarize(measured.values, output=output, method=measured.method, probes=probes,
+                       wall_s=time.perf_counter() - start, logit_spread=measured.logit_spread,
+                       loss_gbr=measured.loss_gbr)
+    log.info("gbr %s (%s): %.4g +- %.2g over %d examples in %.1f s", output, measured.method, result.mean,
+             result.stderr, result.n, result.wall_s)
+    return (result, measured.values) if return_values else result
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -425,6 +475,10 @@ def run(args: argparse.Namespace) -> int:
     # escape: rich reads "[nan, nan]" (n = 1) as a markup tag and drops it.
     console.print(escape(f"  95% CI [{result.ci_low:.6g}, {result.ci_high:.6g}], n = {result.n}; per sample median "
                          f"{result.median:.4g}, p05 {result.p05:.4g}, p95 {result.p95:.4g}; {result.wall_s:.1f} s"))
+    if math.isfinite(result.logit_spread):
+        scale_free = f"GBR / spread {result.gbr_scale_free:.4g}, " if math.isfinite(result.gbr_scale_free) else ""
+        console.print(escape(f"  scale-free: logit spread {result.logit_spread:.4g}, {scale_free}"
+                             f"loss GBR {result.gbr_loss:.4g}"))
     if args.json:
         payload = {**provenance, "dataset": info.name, "split": info.split, "subset": args.subset,
                    "train_mode": args.train_mode, "seed": args.seed, "device": str(device),

@@ -25,7 +25,9 @@ from robust_enc.io import write_atomic
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "robust-enc/results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added in v2 (the scale-free GBR companions): a v1 file reads with them as NaN (not measured).
+ADDED_IN_V2 = ("logit_spread", "gbr_scale_free", "gbr_loss")
 NAN = float("nan")
 
 
@@ -70,6 +72,9 @@ class ResultRow:
     gbr: float = NAN  # eq. 18 of the paper, on logits unless gbr_output says otherwise
     gbr_stderr: float = NAN
     gbr_output: str = ""
+    logit_spread: float = NAN  # E ||z - mean_c z||^2 of the class-centred logits on the same examples as gbr
+    gbr_scale_free: float = NAN  # gbr / logit_spread: unchanged when the logits are scaled (gbr on logits only)
+    gbr_loss: float = NAN  # eq. 18 of the per-example cross-entropy (loss sensitivity), (nats / pixel)^2
     train_top1: float = NAN  # from the checkpoint, for the generalization gap
     weight_sq_norm: float = NAN  # sum of ||W||_F^2 over conv/linear weights (as used in forward)
     wall_s: float = NAN
@@ -125,6 +130,8 @@ def row_from_dict(data: dict[str, Any], *, source: str = "results") -> ResultRow
     if not isinstance(data, dict):
         raise UserError(f"{source}: a results row must be an object of column -> value, got {type(data).__name__} "
                         f"{str(data)[:40]!r}; re-create the file with robust-enc")
+    if all(n not in data for n in ADDED_IN_V2):  # a v1 row: the companions were not measured
+        data = {**data, **dict.fromkeys(ADDED_IN_V2, "")}
     missing = [n for n in FIELD_NAMES if n not in data]
     extra = [n for n in data if n not in _FIELD_TYPES]
     if missing or extra:
@@ -182,7 +189,7 @@ def _read_results(path: Path) -> list[ResultRow]:
             raise UserError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_NAME:
             raise UserError(f"{path}: not a robust-enc results file (no '\"schema\": \"{SCHEMA_NAME}\"')")
-        if payload.get("version") != SCHEMA_VERSION:
+        if payload.get("version") not in (1, SCHEMA_VERSION):
             raise UserError(f"{path}: results schema v{payload.get('version')}, this robust-enc reads "
                             f"v{SCHEMA_VERSION}; re-create the file")
         rows = payload.get("rows", [])
@@ -191,7 +198,8 @@ def _read_results(path: Path) -> list[ResultRow]:
         return [row_from_dict(d, source=str(path)) for d in rows]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != FIELD_NAMES:
+        v1 = [n for n in FIELD_NAMES if n not in ADDED_IN_V2]
+        if reader.fieldnames not in (FIELD_NAMES, v1):
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
         return [row_from_dict(d, source=str(path)) for d in reader]

@@ -383,7 +383,7 @@ def test_sharded_hutchinson_gbr_sums_to_the_one_process_totals():
     one = _measure_gbr(model, data, config, cpu, 0, 1)
     shards = [_measure_gbr(model, data, config, cpu, rank, 3) for rank in range(3)]
     assert one[0] == 40 and [sum(column) for column in zip(*shards)] == pytest.approx(one, rel=1e-9)
-    assert _measure_gbr(model, data, config, cpu, 5, 6) == [0.0, 0.0, 0.0]
+    assert _measure_gbr(model, data, config, cpu, 5, 6) == [0.0] * 5  # n, sum, sum of squares, spread, loss GBR
 
 
 def test_two_process_sharding_gives_the_same_totals(trained, uninterrupted, tmp_path, torchrun):

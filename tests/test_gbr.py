@@ -285,7 +285,7 @@ def test_true_prob_and_softmax_modes(digits) -> None:
 
 
 def test_outputs_registry_and_label_free_modes() -> None:
-    assert OUTPUTS.names() == ["logits", "loss", "softmax", "true-prob"]
+    assert OUTPUTS.names() == ["log-softmax", "logits", "loss", "softmax", "true-prob"]
     model = smooth_model().eval()
     x = torch.randn(4, 1, 3, 4)
     assert per_example_gbr(model, x, None).shape == (4,)  # logits need no labels
@@ -299,6 +299,68 @@ def test_outputs_registry_and_label_free_modes() -> None:
         measure_gbr(model, [(x, torch.zeros(4, dtype=torch.long))], output="logit")
     with pytest.raises(UserError, match="no examples"):
         measure_gbr(model, [])
+
+
+# ------------------------------------------------------------------------------------------------ scale-free companions
+class Scaled(nn.Module):
+    """``net`` with its logits multiplied by ``c`` and shifted by ``shift`` on every class: the same predictions."""
+
+    def __init__(self, net: nn.Module, c: float, shift: float = 0.0) -> None:
+        super().__init__()
+        self.net, self.c, self.shift = net, c, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.c + self.shift
+
+
+@pytest.mark.parametrize("c", [0.1, 3.0, 25.0])
+def test_scale_free_companion_ignores_the_logits_scale(digits, c: float) -> None:
+    """Logits c * z (+ a constant on every class): raw GBR and the logit spread grow by c^2, GBR / spread does not
+    change, and neither does the prediction."""
+    x, y = digits
+    net = tiny_resnet(3)
+    base = measure_gbr(net, batches_of(x, y, 32))
+    scaled = measure_gbr(Scaled(net, c, shift=7.0), batches_of(x, y, 32))
+    assert scaled.mean == pytest.approx(c * c * base.mean, rel=1e-4)
+    assert scaled.logit_spread == pytest.approx(c * c * base.logit_spread, rel=1e-4)
+    assert scaled.gbr_scale_free == pytest.approx(base.gbr_scale_free, rel=1e-4)
+    assert base.gbr_scale_free == pytest.approx(base.mean / base.logit_spread, rel=1e-12)
+
+
+def test_companions_match_closed_forms_of_a_linear_model() -> None:
+    """z = W x + b: spread_i = ||C (W x_i + b)||^2 with C the centring matrix, loss GBR_i = ||W^T (p_i - e_y)||^2
+    (the cross-entropy's input gradient), computed by hand in float64."""
+    torch.manual_seed(5)
+    model = Linear(2 * 3 * 3, 6)
+    x, y = torch.rand(40, 2, 3, 3), torch.randint(0, 6, (40,))
+    r = measure_gbr(model, batches_of(x, y, 16), method="exact")
+    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
+    z = x.flatten(1).double() @ w.T + b
+    centred = z - z.mean(1, keepdim=True)
+    p = z.softmax(1)
+    grad = (p - F.one_hot(y, 6).double()) @ w
+    assert r.logit_spread == pytest.approx(float(centred.pow(2).sum(1).mean()), rel=1e-5)
+    assert r.gbr_loss == pytest.approx(float(grad.pow(2).sum(1).mean()), rel=1e-4)
+    assert r.gbr_scale_free == pytest.approx(float(w.pow(2).sum()) / float(centred.pow(2).sum(1).mean()), rel=1e-5)
+
+
+def test_companions_are_left_out_where_they_mean_nothing(digits) -> None:
+    """Train mode (batch-coupled) and other outputs: no scale-free ratio; no labels: no loss GBR."""
+    x, y = digits
+    net = tiny_resnet()
+    assert math.isnan(measure_gbr(net, batches_of(x, y, 32), train_mode=True).logit_spread)
+    softmax = measure_gbr(net, batches_of(x, y, 32), output="softmax")
+    assert math.isnan(softmax.gbr_scale_free) and softmax.logit_spread > 0
+    assert math.isnan(measure_gbr(net, batches_of(x, y, 32), companions=False).gbr_loss)
+
+
+def test_log_softmax_mode_matches_the_jacobian_by_hand(digits) -> None:
+    x, y = digits
+    net = tiny_resnet(1).eval()
+    values = per_example_gbr(net, x[:6], y[:6], output="log-softmax")
+    expected = [torch.autograd.functional.jacobian(lambda v: net(v).log_softmax(1), x[i:i + 1]).pow(2).sum()
+                for i in range(6)]
+    assert torch.allclose(values, torch.stack(expected).double(), rtol=1e-4)
 
 
 def test_result_fields_are_consistent(digits) -> None:

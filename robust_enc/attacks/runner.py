@@ -302,7 +302,18 @@ class _Run:
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def _rows(run: _Run, provenance: Provenance, gbr: tuple[float, float] | None) -> list[ResultRow]:
+def _gbr_columns(sums: list[float]) -> dict[str, Any]:
+    """The rows' GBR columns from the all-reduced sums of ``_measure_gbr``; {} when GBR was not measured."""
+    if not sums or sums[0] <= 0:
+        return {}
+    n, total, total_sq, spread_sum, loss_sum = sums
+    mean, spread = total / n, spread_sum / n
+    var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else math.nan
+    return dict(gbr=mean, gbr_stderr=math.sqrt(max(var, 0.0) / n) if n > 1 else math.nan, gbr_output="logits",
+                logit_spread=spread, gbr_scale_free=mean / spread if spread > 0 else math.nan, gbr_loss=loss_sum / n)
+
+
+def _rows(run: _Run, provenance: Provenance, gbr: dict[str, Any]) -> list[ResultRow]:
     info, config = run.info, run.config
     versions = library_versions()
     has5 = bool(run.topk)
@@ -310,8 +321,7 @@ def _rows(run: _Run, provenance: Provenance, gbr: tuple[float, float] | None) ->
                   dataset=info.name, split=info.split, subset=info.subset, seed=config.seed,
                   train_top1=provenance.train_top1, weight_sq_norm=provenance.weight_sq_norm,
                   checkpoint_hash=provenance.checkpoint_hash, **versions)
-    if gbr is not None:
-        common.update(gbr=gbr[0], gbr_stderr=gbr[1], gbr_output="logits")
+    common.update(gbr)
 
     def row(attack: str, norm: str, eps: float, t: dict[str, float], **extra: Any) -> ResultRow:
         n = int(t["n"])
@@ -350,19 +360,21 @@ def _rows(run: _Run, provenance: Provenance, gbr: tuple[float, float] | None) ->
 
 def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, device: torch.device, rank: int,
                  world: int) -> list[float]:
-    """[n, sum, sum of squares] of per-example GBR over this rank's shard (combined across ranks by the caller).
+    """[n, sum, sum of squares] of per-example GBR, then the sums of the logit spread and of the loss GBR (the
+    scale-free companions, see gbr.py), over this rank's shard (combined across ranks by the caller).
 
-    An empty shard gives [0, 0, 0] rather than an error: the other ranks are waiting for it in ``all_reduce``."""
+    An empty shard gives zeros rather than an error: the other ranks are waiting for it in ``all_reduce``."""
     from robust_enc.gbr import gbr_values  # lazy: only runs with --gbr
 
     loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers,
                           sampler=ShardSampler(len(dataset), config.batch_size, rank, world))
     # Hutchinson probes seeded per global batch (this rank's j-th batch is global batch rank + j * world), so the
     # totals do not depend on the number of processes.
-    values, _ = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
-                           batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
-    values = values.double()
-    return [float(len(values)), float(values.sum()), float(values.pow(2).sum())]
+    measured = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
+                          batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
+    values = measured.values.double()
+    return [float(len(values)), float(values.sum()), float(values.pow(2).sum()),
+            float(measured.logit_spread.sum()), float(measured.loss_gbr.sum())]
 
 
 def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config: AttackConfig,
@@ -426,13 +438,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
                 progress.unlink(missing_ok=True)
             raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
                             "failed to load, see the warnings): fix or replace the files, or pass another --dataset")
-        gbr = None
-        if gbr_sums and gbr_sums[0] > 0:
-            n, total_sum, total_sq = gbr_sums
-            mean = total_sum / n
-            var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else math.nan
-            gbr = (mean, math.sqrt(max(var, 0.0) / n) if n > 1 else math.nan)
-        rows = _rows(run, provenance, gbr)
+        rows = _rows(run, provenance, _gbr_columns(gbr_sums))
         if out is not None and rank == 0:
             append_results(out, rows)
             log.info("wrote %d rows to %s", len(rows), out)
