@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -112,8 +113,39 @@ def test_seeds_are_grouped_with_mean_std_and_count(caplog):
     assert enc["gbr:std"] == pytest.approx(2.0)
     # Run ids that differ by more than a seed suffix are still seeds of one model + regularizer, with a note.
     assert any("b1, b2" in note for note in table.attrs["notes"])
+    # "±" shows the 95% Student-t interval of the mean over the seeds (3 seeds: t(0.975, 2) * std / sqrt(3)).
+    half = stats.t.ppf(0.975, 2) / math.sqrt(3)
+    assert enc[f"{column}:ci"] == pytest.approx(half * 0.03)
     text = render_table(table, "table3", "md")
-    assert "| Seeds |" in text and "43.00 ± 3.00" in text and "12.00 ± 2.00" in text
+    assert "| Seeds |" in text and f"43.00 ± {100 * half * 0.03:.2f}" in text and f"12.00 ± {half * 2:.2f}" in text
+
+
+def test_differences_to_the_baseline_carry_welch_intervals_and_companions_correlate():
+    """The interval of enc - baseline is scipy's Welch t-test interval; each scale-free GBR measure gets its own
+    correlation rows, over every trained model (seeds are points)."""
+    base_clean, enc_clean = [0.80, 0.83, 0.81], [0.86, 0.90, 0.87]
+    rows = []
+    for seed in range(3):
+        for reg, clean, gbr, spread in (("baseline", base_clean[seed], 40.0 + seed, 10.0 + seed),
+                                        ("enc", enc_clean[seed], 12.0 + seed, 4.0 + 2 * seed)):
+            extra = dict(logit_spread=spread, gbr_scale_free=gbr / spread, gbr_loss=gbr / 10)
+            rows += [_row(f"m-{reg}-s{seed}", reg, clean=clean, gbr=gbr, **extra),
+                     _row(f"m-{reg}-s{seed}", reg, "fgsm", 8 / 255, clean=clean, adv=clean - gbr / 100, **extra)]
+    frame = tables.results_frame(rows)
+    table = tables.table3(frame)
+    enc = table[table["regularizer"] == "enc"].iloc[0]
+    reference = stats.ttest_ind(enc_clean, base_clean, equal_var=False).confidence_interval(0.95)
+    assert enc["clean_top1:delta"] == pytest.approx(np.mean(enc_clean) - np.mean(base_clean))
+    assert enc["clean_top1:delta_ci"] == pytest.approx((reference.high - reference.low) / 2)
+    text = render_table(table, "table3", "md")
+    assert "GBR / spread" in text and "Logit spread" in text and "Loss GBR" in text
+    corr = tables.correlation(tables.replicates(frame))
+    assert set(corr["x"]) == {"gbr", "gbr_scale_free", "logit_spread", "gbr_loss"}
+    clean = corr[(corr["x"] == "logit_spread") & (corr["y"] == "clean_top1")].iloc[0]
+    spreads = [10.0, 4.0, 11.0, 6.0, 12.0, 8.0]
+    cleans = [base_clean[0], enc_clean[0], base_clean[1], enc_clean[1], base_clean[2], enc_clean[2]]
+    assert clean["n"] == 6 and clean["pearson_r"] == pytest.approx(stats.pearsonr(spreads, cleans).statistic)
+    assert "Measure" in render_table(corr, "correlation", "md")
 
 
 def test_several_step_counts_get_separate_columns_and_the_leaderboard_takes_the_most_steps():
@@ -534,3 +566,17 @@ def test_cli_wrong_schema_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "results schema" in err and "Traceback" not in err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_v1_results_file_reads_with_the_companions_not_measured(tmp_path):
+    """Results written before the scale-free companions existed (schema v1: no such columns) still read; the
+    companions are NaN (not measured), every other value is kept."""
+    row = _row("r1", "enc", clean=0.9, gbr=12.5, model="resnet_tiny", dataset="digits")
+    frame = tables.results_frame([row]).drop(columns=["logit_spread", "gbr_scale_free", "gbr_loss"])
+    frame.to_csv(tmp_path / "v1.csv", index=False)
+    (back,) = read_results(tmp_path / "v1.csv")
+    assert back.gbr == 12.5 and back.clean_top1 == 0.9 and back.run_id == "r1"
+    assert all(math.isnan(getattr(back, n)) for n in ("logit_spread", "gbr_scale_free", "gbr_loss"))
+    frame.drop(columns=["gbr"]).to_csv(tmp_path / "broken.csv", index=False)  # any other missing column: refused
+    with pytest.raises(UserError, match="header does not match"):
+        read_results(tmp_path / "broken.csv")

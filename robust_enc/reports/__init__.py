@@ -342,7 +342,9 @@ def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, at
     shown = tables.select_threats(full, attack=attack, eps=eps_values)
     built = {"table3": shown,
              "leaderboard": tables.leaderboard(frame, runs_frame(data.runs, link_base), attack=attack, eps=eps_values),
-             "correlation": tables.correlation(shown)}
+             # Each trained model is a point (seeds too), so n and the p-values count models, not row means.
+             "correlation": tables.correlation(tables.select_threats(tables.replicates(frame), attack=attack,
+                                                                     eps=eps_values))}
     notes = [f"conflicting duplicate rows (kept the newest): {c.describe()}" for c in data.conflicts] + data.notes
     # What was left out of the inputs concerns every table: each JSON file carries it with the table's own notes.
     input_notes = list(notes)

@@ -26,6 +26,8 @@ ATTACK_LABELS = {"none": "clean", "fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD
                  "square": "Square", "worst": "worst case"}
 NORM_LABELS = {"linf": "L∞", "l2": "L2", "none": ""}
 WEIGHT_NORM = "Σ‖W‖²"  # sum over conv/linear layers of ||W||_F^2
+# The scale-free companions of GBR (results columns -> headers): logits scaled by c change GBR by c^2, not these.
+COMPANIONS = {"gbr_scale_free": "GBR / spread", "logit_spread": "Logit spread", "gbr_loss": "Loss GBR"}
 # Unicode the display views use, as LaTeX (applied after escaping, so the "$" survive).
 LATEX_SYMBOLS = {WEIGHT_NORM: r"$\sum\|W\|_F^2$", "±": r"$\pm$", "∞": r"$\infty$", "ρ": r"$\rho$", MISSING: "--"}
 
@@ -100,15 +102,22 @@ def short_regularizer(spec: str) -> str:
         return spec
 
 
-def _cell(value: float, std: float = math.nan, delta: float = math.nan, *, fmt=format_percent) -> str:
-    """"29.87", "29.87 ± 0.41", "29.87 (+12.33)" or "29.87 ± 0.41 (+12.33)"."""
+def _cell(value: float, std: float = math.nan, delta: float = math.nan, *, fmt=format_percent,
+          delta_ci: float = math.nan) -> str:
+    """"29.87", "29.87 ± 0.41", "29.87 (+12.33)", "29.87 ± 0.41 (+12.33)" or "29.87 ± 0.41 (+12.33 ± 1.02)"."""
     if _missing(value):
         return MISSING
     text = fmt(value)
     if not _missing(std):
         text += f" ± {fmt(std, value) if fmt is format_number else fmt(std)}"
     if not _missing(delta):
-        text += f" ({format_delta(delta)})"
+        if fmt is format_percent:
+            spread = "" if _missing(delta_ci) else f" ± {format_percent(delta_ci)}"
+            text += f" ({format_delta(delta)}{spread})"
+        else:  # GBR-like numbers: the difference as a ratio to the baseline is what reads
+            base = value - delta
+            ratio = value / base if base else math.nan
+            text += f" (×{ratio:.2f})" if not _missing(ratio) else ""
     return text
 
 
@@ -143,13 +152,23 @@ def view_table3(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
 
     # The baseline row shows no difference to itself (as in the paper).
     own = table["is_baseline"] if "is_baseline" in table else pd.Series(False, index=table.index)
+    # With several seeds, "±" is the 95% t-interval of the mean over seeds (the std when only that is known), and a
+    # difference to the baseline carries its 95% Welch interval: a difference whose interval excludes 0 is real.
+    spread = ":ci" if "clean_top1:ci" in table else ":std"
+
+    def cells(name: str, fmt=format_percent) -> list[str]:
+        return [_cell(v, s, math.nan if b else d, fmt=fmt, delta_ci=c) for v, s, d, c, b in
+                zip(table[name], get(f"{name}{spread}"), get(f"{name}:delta"), get(f"{name}:delta_ci"), own)]
+
     for name, header in [("clean_top1", "Clean top-1 (%)")] + [
             (c, f"{threat_label(*t)} (%)") for c, t in threat_columns(table)]:
-        out[header] = [_cell(v, s, math.nan if b else d)
-                       for v, s, d, b in zip(table[name], get(f"{name}:std"), get(f"{name}:delta"), own)]
-    # Error bar of GBR: the spread over seeds when there are several, else the estimator's standard error.
+        out[header] = cells(name)
+    # Error bar of GBR: over seeds when there are several, else the estimator's standard error.
     out["GBR"] = [_cell(g, s if not _missing(s) else e, fmt=format_number)
-                  for g, s, e in zip(table["gbr"], get("gbr:std"), get("gbr_stderr"))]
+                  for g, s, e in zip(table["gbr"], get(f"gbr{spread}"), get("gbr_stderr"))]
+    for name, header in COMPANIONS.items():  # the scale-free measures, where measured
+        if get(name).notna().any():
+            out[header] = cells(name, fmt=format_number)
     out[WEIGHT_NORM] = [_cell(w, s, fmt=format_number)
                         for w, s in zip(table["weight_sq_norm"], get("weight_sq_norm:std"))]
     return out.reset_index(drop=True)
@@ -185,7 +204,9 @@ def view_correlation(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     out = pd.DataFrame(index=table.index)
     if table["dataset"].nunique() > 1:
         out["Data set"] = table["dataset"]
-    out["GBR vs"] = [_target_label(y, a, n, e) for y, a, n, e in
+    if "x" in table and table["x"].nunique() > 1:  # the scale-free companions too
+        out["Measure"] = [{"gbr": "GBR", **COMPANIONS}.get(x, x) for x in table["x"]]
+    out["GBR vs" if "Measure" not in out else "vs"] = [_target_label(y, a, n, e) for y, a, n, e in
                      zip(table["y"], table["attack"], table["norm"], table["eps"])]
     out["n"] = table["n"].astype(str)
     out["Pearson r"] = [format_r(v) for v in table["pearson_r"]]

@@ -6,7 +6,9 @@ numbers as numbers: accuracies are fractions, eps is in [0, 1] pixel units, diff
 kept in ``table.attrs["notes"]``; nothing here reads or writes files.
 
 Adversarial columns are named ``adv:<attack>:<norm>:<eps>`` with the exact float (``Threat.column``), plus
-``<column>:std`` (over seeds, only when some row has several) and ``<column>:delta`` (minus the baseline row).
+``<column>:std`` and ``<column>:ci`` (over seeds, only when some row has several; ``:ci`` is the half-width of the
+95% Student-t interval of the mean) and ``<column>:delta`` (minus the baseline row) with ``<column>:delta_ci`` (the
+half-width of the 95% Welch interval of that difference, when both rows have two or more seeds).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ EPS_TOL = 1e-6  # "8/255" typed on the CLI vs 0.0313725490196078 read back from 
 SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_=]?\d+(?=(?:-n\d+)?$)")
 GROUP = ["dataset", "model", "regularizer"]  # one Table 3 row; its runs are the seeds
 REPLICATE = [*GROUP, "run_id", "checkpoint_hash"]  # one trained model
-RUN_VALUES = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # properties of the weights, not of an attack
+# GBR (eq. 18, logits) and its scale-free companions: the logits' spread, GBR divided by it, and the loss GBR.
+GBR_MEASURES = ("gbr", "gbr_scale_free", "logit_spread", "gbr_loss")
+RUN_VALUES = (*GBR_MEASURES, "gbr_stderr", "train_top1", "weight_sq_norm")  # properties of the weights, not an attack
+CONFIDENCE = 0.95  # of the intervals over seeds (Student t) and of the differences to the baseline (Welch)
 
 
 class Threat(NamedTuple):
@@ -216,8 +221,8 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
     notes: list[str] = []
     reps = replicates(frame)
     threats = [c for c, _ in threat_columns(reps)]
-    values = ["clean_top1", *threats, "gbr", "weight_sq_norm", "train_top1", "gen_gap"]
-    records = []
+    values = ["clean_top1", *threats, *GBR_MEASURES, "weight_sq_norm", "train_top1", "gen_gap"]
+    records, seed_values = [], []
     for _, rows in reps.groupby(GROUP, sort=False):
         label, note = _group_label(rows)
         if note:
@@ -229,8 +234,10 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
             column = rows[name].astype(float)
             record[name] = float(column.mean())  # NaN when no seed has it
             record[f"{name}:std"] = float(column.std(ddof=1)) if column.count() > 1 else math.nan
+            record[f"{name}:ci"] = _t_half_width(column)
         record["gbr_stderr"] = float(rows["gbr_stderr"].astype(float).mean())  # one seed: the estimator's error bar
         records.append(record)
+        seed_values.append({name: rows[name].astype(float).dropna().to_numpy() for name in values})
     if not records:
         empty = pd.DataFrame(columns=["label", *GROUP, "n_seeds", "run_ids", "clean_top1", "gbr", "weight_sq_norm"])
         notes.append("no result rows: Table 3 is empty")
@@ -242,11 +249,13 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
     chosen = _choose_baselines(groups, baseline, notes)
     groups["is_baseline"] = [c == i for i, c in enumerate(chosen)]
     groups["baseline"] = [groups["label"].iloc[c] if c is not None else "" for c in chosen]
-    compared = ["clean_top1", *threats]
+    compared = ["clean_top1", *threats, *GBR_MEASURES]
     if any(c is not None for c in chosen):
         for name in compared:
             base = [groups[name].iloc[c] if c is not None else math.nan for c in chosen]
             groups[f"{name}:delta"] = groups[name] - np.asarray(base, dtype=float)
+            groups[f"{name}:delta_ci"] = [_welch_half_width(seed_values[i][name], seed_values[c][name])
+                                          if c is not None and c != i else math.nan for i, c in enumerate(chosen)]
 
     # Sorted, not in the order the inputs were read (alphabetical run folders, or files from several machines).
     groups["_order"] = [_order_position(groups.iloc[i], order) for i in range(len(groups))]
@@ -257,14 +266,37 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
     for name in values:
         columns.append(name)
         if several_seeds:
-            columns.append(f"{name}:std")
+            columns += [f"{name}:std", f"{name}:ci"]
         if f"{name}:delta" in groups:
             columns.append(f"{name}:delta")
+            if several_seeds:
+                columns.append(f"{name}:delta_ci")
         if name == "gbr":
             columns.append("gbr_stderr")
     for note in notes:
         log.warning(note)
     return _notes(groups[columns].reset_index(drop=True), notes)
+
+
+def _t_half_width(values: pd.Series) -> float:
+    """Half-width of the CONFIDENCE Student-t interval of the mean of the non-NaN ``values``; NaN below 2."""
+    values = values.dropna()
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def _welch_half_width(a: np.ndarray, b: np.ndarray) -> float:
+    """Half-width of the CONFIDENCE Welch interval of mean(a) - mean(b) (unequal variances); NaN unless both have
+    two or more values."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df) * math.sqrt(va + vb))
 
 
 def _deduplicate_labels(groups: pd.DataFrame) -> None:
@@ -397,9 +429,11 @@ def _correlate(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float
 
 
 def correlation(table: pd.DataFrame) -> pd.DataFrame:
-    """Across the rows of a Table 3 view (per data set): Pearson and Spearman correlation, with p-values and n,
-    between GBR and clean top-1, each adversarial top-1, the generalization gap (train - clean top-1, where the
-    train accuracy is known) and the summed squared weight norms. Fewer than 3 models: NaN and a note, no error."""
+    """Across the rows of a Table 3 view or of ``replicates`` (one per trained model), per data set: Pearson and
+    Spearman correlation, with p-values and n, between GBR and clean top-1, each adversarial top-1, the
+    generalization gap (train - clean top-1, where the train accuracy is known) and the summed squared weight norms;
+    the same for each scale-free companion of GBR (``GBR_MEASURES``) that at least 3 models have, so a reader sees
+    whether a correlation survives removing the logits' scale. Fewer than 3 models: NaN and a note, no error."""
     notes: list[str] = []
     columns = ["dataset", "x", "y", "attack", "norm", "eps", "n", "pearson_r", "pearson_p", "spearman_rho",
                "spearman_p", "note"]
@@ -413,16 +447,19 @@ def correlation(table: pd.DataFrame) -> pd.DataFrame:
         if with_gbr < MIN_MODELS:
             notes.append(f"{dataset}: correlation with GBR needs at least {MIN_MODELS} models with a GBR value, "
                          f"found {with_gbr}")
-        for name, threat in targets:
-            if name not in rows:
-                continue
-            both = rows[["gbr", name]].astype(float).replace([np.inf, -np.inf], np.nan).dropna()  # a diverged GBR
-            if name == "gen_gap" and both.empty:
-                continue  # no train accuracy known: nothing to say
-            r, r_p, rho, rho_p, note = _correlate(both["gbr"].to_numpy(), both[name].to_numpy())
-            records.append({"dataset": dataset, "x": "gbr", "y": name, "attack": threat.attack, "norm": threat.norm,
-                            "eps": threat.eps, "n": len(both), "pearson_r": r, "pearson_p": r_p,
-                            "spearman_rho": rho, "spearman_p": rho_p, "note": note})
+        measures = ["gbr"] + [m for m in GBR_MEASURES[1:]
+                              if m in rows and int(rows[m].astype(float).notna().sum()) >= MIN_MODELS]
+        for measure in measures:
+            for name, threat in targets:
+                if name not in rows or (measure != "gbr" and name == "weight_sq_norm"):
+                    continue
+                both = rows[[measure, name]].astype(float).replace([np.inf, -np.inf], np.nan).dropna()  # diverged
+                if name == "gen_gap" and both.empty:
+                    continue  # no train accuracy known: nothing to say
+                r, r_p, rho, rho_p, note = _correlate(both[measure].to_numpy(), both[name].to_numpy())
+                records.append({"dataset": dataset, "x": measure, "y": name, "attack": threat.attack,
+                                "norm": threat.norm, "eps": threat.eps, "n": len(both), "pearson_r": r,
+                                "pearson_p": r_p, "spearman_rho": rho, "spearman_p": rho_p, "note": note})
     if not datasets:
         notes.append("no models: no correlation")
     for note in notes:
