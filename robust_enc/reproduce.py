@@ -41,6 +41,9 @@ class Preset:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     attack: dict[str, Any] = field(default_factory=dict)  # AttackConfig overrides ("eps" may use k/255 strings)
     report: dict[str, Any] = field(default_factory=dict)  # build_report options (baseline)
+    # The paper's Figures 1 and 3: {"weight_decay": [0, 1e-4, ...], "row": "baseline", "against": "enc"} trains
+    # ``row`` (first seed) once per weight decay and plots GBR per epoch beside ``against``; training only.
+    sweep: dict[str, Any] = field(default_factory=dict)
 
 
 def load_preset(name_or_path: str) -> Preset:
@@ -110,6 +113,61 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
     return pairs
 
 
+SWEEP_DIR = "wd-sweep"  # under the study folder, beside runs/: the sweep's runs are not Table 3 rows
+SWEEP_PLOT = "gbr_weight_decay.png"
+
+
+def sweep_plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | None = None,
+               epochs: int | None = None, workers: int | None = None) -> list[Any]:
+    """TrainConfigs of the weight-decay sweep (``Preset.sweep``): ``row`` at each weight decay, first seed, under
+    ``out/wd-sweep/`` with run ids ``<model>-<data>-<row>-wd<lambda>-s<seed>``; [] without a sweep."""
+    from robust_enc.config import replace_checked
+    from robust_enc.train.loop import TrainConfig, dataset_short, resolve_config
+    from robust_enc.train.regularizers import run_name
+
+    if not preset.sweep:
+        return []
+    unknown = set(preset.sweep) - {"weight_decay", "row", "against"}
+    values = preset.sweep.get("weight_decay")
+    if unknown or not isinstance(values, list) or not values:
+        raise UserError(f"preset {preset.name}: \"sweep\" must be {{\"weight_decay\": [0, 1e-4, ...], \"row\": "
+                        f"\"baseline\", \"against\": \"enc\"}}; got {preset.sweep!r}")
+    row, seed = preset.sweep.get("row", "baseline"), preset.seeds[0]
+    overrides = dict(preset.train, **({"epochs": epochs} if epochs is not None else {}),
+                     **({"workers": workers} if workers is not None else {}))
+    configs = []
+    for wd in values:
+        run_id = f"{preset.model}-{dataset_short(preset.dataset)}-{run_name(row)}-wd{float(wd):g}-s{seed}"
+        configs.append(resolve_config(replace_checked(
+            TrainConfig(), model=preset.model, dataset=preset.dataset, data_dir=data_dir, regularizer=row, seed=seed,
+            device=device, out_dir=str(out / SWEEP_DIR), resume=True, run_id=run_id,
+            **{**overrides, "weight_decay": float(wd)})))
+    return configs
+
+
+def plot_sweep(preset: Preset, sweep: list[Any], pairs: list[tuple[Any, Any]], path: Path) -> Path | None:
+    """GBR per epoch of the sweep's runs, of ``row`` at the preset's weight decay and of ``against`` (first seed):
+    the analogue of the paper's Figures 1 and 3, one plot."""
+    import pandas as pd
+
+    from robust_enc.reports.plots import plot_gbr_over_epochs
+    from robust_enc.train.regularizers import canonical_spec
+
+    seed = preset.seeds[0]
+    row, against = preset.sweep.get("row", "baseline"), preset.sweep.get("against", "enc")
+    wanted = {canonical_spec(row): f"{row} λ={float(preset.train.get('weight_decay', 0)):g}", canonical_spec(against):
+              against}
+    runs = [(f"{row} λ={c.weight_decay:g}", c) for c in sweep]
+    runs += [(wanted[t.regularizer], t) for t, _ in dict.fromkeys(pairs) if t.seed == seed and t.regularizer in wanted]
+    histories = {}
+    for label, config in dict.fromkeys(runs):
+        metrics = Path(config.out_dir) / config.run_id / "metrics.csv"
+        if metrics.is_file():
+            histories[label] = pd.read_csv(metrics)
+    return plot_gbr_over_epochs(histories, path, title=f"GBR during training: weight decay vs {against} "
+                                                        f"({preset.model}, {preset.dataset})")
+
+
 def _attack_done(attack_config: Any) -> bool:
     """Every row this config would write is already in the run's results for the current checkpoint: the same
     attacks, eps, norm, steps, step size and restarts (as the attack registry resolves them), subset and seed, with a
@@ -169,12 +227,19 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
             log.info("%s: attacks already done, skipped", train_config.run_id)
         else:
             evaluate(attack_config)
+    sweep = sweep_plan(preset, out, device=device, data_dir=data_dir, epochs=epochs, workers=workers)
+    for i, train_config in enumerate(sweep, 1):
+        log.warning("[sweep %d/%d] %s", i, len(sweep), train_config.run_id)
+        train(train_config)
     log.warning("trained and attacked %d models in %.0f s", len(pairs), time.perf_counter() - start)
     if not _is_main_process():
         return None, {}
     report = make_report([out / "runs"], baseline=preset.report.get("baseline"), link_base=out / "report",
                          order=preset.rows)
-    return report, write_report(report, out / "report")
+    written = write_report(report, out / "report")
+    if sweep and (figure := plot_sweep(preset, sweep, pairs, out / "report" / "plots" / SWEEP_PLOT)) is not None:
+        written[f"plots/{SWEEP_PLOT}"] = figure
+    return report, written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, rows=rows)
     out = args.out or Path("reports") / preset.name
     plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
+    sweep_plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)
     if _is_main_process():
         Console(stderr=True).print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
     report, written = reproduce(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs,

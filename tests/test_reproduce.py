@@ -98,3 +98,31 @@ def test_reproduce_bad_input_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["reproduce", "--rows", "cutmixx"]) == 2
     assert "not rows of preset quick" in capsys.readouterr().err
+
+
+def test_weight_decay_sweep_trains_each_lambda_and_plots_gbr_beside_enc(tmp_path, monkeypatch):
+    """The preset's sweep (the paper's Figures 1 and 3): the swept row once per weight decay under wd-sweep/, not in
+    Table 3; one plot of GBR per epoch with every lambda, the row at the preset's lambda and ENC."""
+    import robust_enc.reports.plots as plots
+
+    preset = {**SMALL, "rows": ["baseline", "enc"], "train": {**SMALL["train"], "subset": 200},
+              "attack": {"attacks": ["fgsm"], "eps": ["8/255"], "subset": 30, "batch_size": 30},
+              "sweep": {"weight_decay": [0, 0.01], "row": "baseline", "against": "enc"}}
+    preset_file = tmp_path / "sweep.json"
+    preset_file.write_text(json.dumps(preset))
+    drawn = {}
+    draw = plots.plot_gbr_over_epochs
+    monkeypatch.setattr(plots, "plot_gbr_over_epochs", lambda h, path, **kw: drawn.update(h) or draw(h, path, **kw))
+    out = tmp_path / "study"
+    assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
+    sweep = sorted(p.name for p in (out / "wd-sweep").iterdir())
+    assert sweep == ["resnet_tiny-digits-baseline-wd0-s0", "resnet_tiny-digits-baseline-wd0.01-s0"]
+    for name, wd in zip(sweep, (0.0, 0.01)):
+        assert json.loads((out / "wd-sweep" / name / "config.json").read_text())["weight_decay"] == wd
+    assert {"baseline λ=0", "baseline λ=0.01", "baseline λ=0.0005", "enc"} <= set(drawn)
+    assert (out / "report" / "plots" / "gbr_weight_decay.png").read_bytes()[:8] == PNG_SIGNATURE
+    table3 = (out / "report" / "table3.md").read_text()
+    assert "wd0" not in table3 and len(table3.strip().splitlines()) == 4  # header, rule, baseline, enc
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**preset, "sweep": {"weight_decay": "0.01"}}))
+    assert main(["reproduce", "--preset", str(bad), "--out", str(tmp_path / "o")]) == 2
