@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("robust_enc.attacks.cli", "run FGSM/PGD/... through ART over a data set, with an eps sweep"),
     "gbr": ("robust_enc.gbr", "measure the Generalization Bound Regularizer (paper eq. 18) of a model"),
     "report": ("robust_enc.reports.cli", "Table 3-style leaderboard, correlation with GBR, plots"),
+    "cache": ("robust_enc.cache", "decode an image data set's evaluation images once into a memory-mapped cache"),
     "reproduce": ("robust_enc.reproduce", "the whole Table 3 study in one command (train, gbr, attack, report)"),
     "models": ("robust_enc.cli", "list the model zoo"),
     "datasets": ("robust_enc.cli", "list the data sets"),
@@ -32,6 +33,17 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default_dataset: str 
     group.add_argument("--subset", type=int, default=0, help="deterministic class-balanced subset size (0 = all)")
     group.add_argument("--batch-size", type=int, default=128)
     group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def add_file_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options for data sets read from image files (imagenet, folder:PATH): a list of images and the decode cache."""
+    group = parser.add_argument_group("image files")
+    group.add_argument("--subset-list", default=None,
+                       help="file naming the images to evaluate, one file name per line, kept in its order "
+                            "(e.g. RobustBench's 5,000 ImageNet images); instead of --subset")
+    group.add_argument("--cache", default=None,
+                       help="folder for the decoded evaluation images (resize + centre crop, uint8, memory-mapped): "
+                            "built on first use, read by later runs")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

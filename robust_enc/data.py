@@ -213,34 +213,45 @@ class UnreadableImage(Exception):
     pass
 
 
-class SafeImageFolder(Dataset):
-    """torchvision ImageFolder that survives corrupt files: such an item gets label -1, is logged by path, counted
-    in a counter shared with DataLoader workers, and dropped by ``collate_readable``."""
+class ImageFiles(Dataset):
+    """Image files with known labels: ``samples`` = [(path, label)], decoded with ``transform``. A corrupt file
+    survives: its item gets label -1, is logged by path, counted in a counter shared with DataLoader workers, and
+    dropped by ``collate_readable``."""
 
-    def __init__(self, root: Path, transform: Callable) -> None:
-        from torchvision.datasets import ImageFolder
-
-        try:
-            self.folder = ImageFolder(str(root))
-        except (FileNotFoundError, RuntimeError) as err:
-            raise UserError(f"cannot read image folder {root}: {err}") from None
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+        self.samples = [(str(path), int(label)) for path, label in samples]
+        self.targets = [label for _, label in self.samples]
         self.transform = transform
-        self.targets = list(self.folder.targets)
         self.unreadable = multiprocessing.Value("i", 0)  # shared memory: forked workers add to the same count
 
     def __len__(self) -> int:
-        return len(self.folder.samples)
+        return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.folder.samples[i]
+        from torchvision.datasets.folder import default_loader
+
+        path, label = self.samples[i]
         try:
-            image = self.folder.loader(path)
-            return self.transform(image), label
+            return self.transform(default_loader(path)), label  # PIL, converted to RGB (ImageNet has CMYK/grey JPEGs)
         except Exception as err:  # PIL raises many types for corrupt files
             with self.unreadable.get_lock():
                 self.unreadable.value += 1
             log.warning("skipping unreadable image %s (%s)", path, err)
             return torch.zeros(0), -1
+
+
+class SafeImageFolder(ImageFiles):
+    """torchvision ImageFolder (classes = the folders present, sorted) that survives corrupt files (``ImageFiles``)."""
+
+    def __init__(self, root: Path, transform: Callable) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            folder = ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise UserError(f"cannot read image folder {root}: {err}") from None
+        super().__init__(folder.samples, transform)
+        self.classes = tuple(folder.classes)
 
 
 def collate_readable(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,28 +272,49 @@ def unreadable_count(dataset: Dataset) -> int:
     return int(counter.value) if counter is not None else 0
 
 
+def eval_decode_transform(image_size: int) -> Callable:
+    """PIL image -> uint8 (3, S, S): resize the short side to S * 256 / 224, centre crop S (the standard ImageNet
+    evaluation). What the decode cache stores; ``to_float`` finishes it."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+                       v2.CenterCrop(image_size)])
+
+
+def to_float() -> Callable:
+    """uint8 image -> float32 in [0, 1]: the last step of the evaluation transform, cached or not."""
+    from torchvision.transforms import v2
+
+    return v2.ToDtype(torch.float32, scale=True)
+
+
 def _image_folder_transform(train: bool, image_size: int) -> Callable:
     from torchvision.transforms import v2
 
     # The standard ImageNet recipes: random-resized crop + flip for training; resize 256 / centre crop 224 to evaluate.
     if train:
-        steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
-    else:
-        steps = [v2.Resize(int(round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
+        return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
+                           to_float()])
+    return v2.Compose([eval_decode_transform(image_size), to_float()])
 
 
 @DATASETS.register("imagenet", eval_split="val",
-                   help="ImageNet train/ and val/ ImageFolder layouts under --data-dir (val/<wnid>/*.JPEG)")
+                   help="ImageNet under --data-dir: val/<wnid>/ (all or some classes), torchvision's root, or the flat "
+                        "ILSVRC2012_img_val/ with LOC_val_solution.csv or the devkit; labels in the 1,000-class order")
 def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = False, image_size: int | None = None,
                    **_: Any) -> tuple[Dataset, DatasetInfo]:
+    from robust_enc import imagenet
+
     if not data_dir:
-        raise UserError("imagenet needs --data-dir pointing at a folder with train/ and val/ (val/<wnid>/*.JPEG)")
+        raise UserError("imagenet needs --data-dir pointing at a folder with val/<wnid>/*.JPEG (and train/ to train), "
+                        "torchvision's ImageNet root, or ILSVRC2012_img_val/ with LOC_val_solution.csv")
     size = image_size or 224
-    data = SafeImageFolder(Path(data_dir) / split, _image_folder_transform(augment, size))
-    classes = tuple(data.folder.classes)
-    return data, DatasetInfo("imagenet", split, len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
-                             len(data), class_names=classes)
+    layout, samples = imagenet.find_samples(Path(data_dir), split)
+    log.info("imagenet %s: %d images, %s layout", split, len(samples), layout)
+    data = ImageFiles(samples, _image_folder_transform(augment, size))
+    # Always the 1,000 classes in the standard order, whatever subset of them is on disk: a pretrained model's outputs.
+    return data, DatasetInfo("imagenet", split, imagenet.NUM_CLASSES, (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
+                             len(data), class_names=imagenet.class_names())
 
 
 @DATASETS.register("folder", takes_argument=True, eval_split="val",
@@ -300,7 +332,7 @@ def build_folder(split: str, *, argument: str, augment: bool = False, image_size
                         "choose a split it has")
     size = image_size or 224
     data = SafeImageFolder(root, _image_folder_transform(augment, size))
-    classes = tuple(data.folder.classes)
+    classes = data.classes
     return data, DatasetInfo(f"folder:{argument}", split, len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
                              len(data), class_names=classes)
 
@@ -388,8 +420,11 @@ def eval_split(name: str) -> str:
 
 
 def build_dataset(name: str, split: str, *, data_dir: str | None = None, download: bool = False, subset: int = 0,
-                  augment: bool = False, image_size: int | None = None) -> tuple[Dataset, DatasetInfo]:
-    """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset."""
+                  augment: bool = False, image_size: int | None = None, subset_list: str | None = None,
+                  cache: str | None = None, workers: int = 0) -> tuple[Dataset, DatasetInfo]:
+    """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset,
+    ``subset_list`` the image files a list names (in its order). ``cache``: a folder for the decoded evaluation
+    images (``robust_enc.cache``), built on first use with ``workers`` DataLoader workers."""
     entry, argument = DATASETS.lookup(name)
     if data_dir and not download and not Path(data_dir).is_dir():  # not a silent fallback to the system copy
         raise UserError(f"--data-dir {data_dir} is not a folder; give the folder holding the {name} files, or leave "
@@ -402,9 +437,26 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
         raise UserError(f"--subset must be >= 0 (0 = whole split), got {subset}")
     if len(dataset) == 0:
         raise UserError(f"data set {name} split {split} is empty")
-    if subset:
+    if subset_list:
+        from robust_enc.imagenet import select_listed
+
+        if subset:
+            raise UserError("give --subset N or --subset-list FILE, not both")
+        if not isinstance(dataset, ImageFiles):
+            raise UserError(f"--subset-list picks image files by name; {name} is not read from image files "
+                            "(use imagenet or folder:PATH)")
+        dataset = ImageFiles(select_listed(dataset.samples, subset_list), dataset.transform)
+        info = DatasetInfo(**{**info.to_dict(), "size": len(dataset), "subset": len(dataset)})
+    elif subset:
         dataset = Subset(dataset, balanced_subset_indices(_targets(dataset), subset))
         info = DatasetInfo(**{**info.to_dict(), "size": len(dataset), "subset": subset})
+    if cache:
+        from robust_enc.cache import cached_dataset
+
+        if augment:
+            raise UserError("--cache stores the evaluation transform (resize + centre crop); training augments each "
+                            "epoch anew, so it cannot use the cache")
+        dataset = cached_dataset(dataset, info, cache, workers=workers)
     return dataset, info
 
 

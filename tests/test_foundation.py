@@ -112,9 +112,11 @@ def test_image_folder_counts_and_skips_a_corrupt_file(tmp_path, caplog):
 
 def test_imagenet_layout_and_balanced_subset(tmp_path):
     _write_image_folder(tmp_path / "val", n_per_class=4)
+    for name, wnid in (("cat", "n02123045"), ("dog", "n02085620")):  # tabby cat (281), Chihuahua (151)
+        (tmp_path / "val" / name).rename(tmp_path / "val" / wnid)
     ds, info = build_dataset("imagenet", "val", data_dir=str(tmp_path), subset=4, image_size=32)
-    assert info.size == 4 and info.subset == 4 and info.num_classes == 2
-    assert sorted(y for _, y in (ds[i] for i in range(4))) == [0, 0, 1, 1]
+    assert info.size == 4 and info.subset == 4 and info.num_classes == 1000  # canonical labels, whatever is on disk
+    assert sorted(y for _, y in (ds[i] for i in range(4))) == [151, 151, 281, 281]
 
 
 def test_unknown_dataset_and_missing_paths_are_user_errors(tmp_path):

@@ -10,7 +10,7 @@ import time
 
 from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
 from robust_enc.attacks.runner import AttackConfig, BatchReport, evaluate, results_path
-from robust_enc.cli import add_data_arguments, add_device_argument
+from robust_enc.cli import add_data_arguments, add_device_argument, add_file_data_arguments
 from robust_enc.results import ResultRow
 
 
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="torchvision/timm state-dict file for --model, or 'pretrained' (the library's; online)")
     add_data_arguments(parser, default_dataset=None)  # None: the checkpoint's data set
     parser.add_argument("--split", default="", help="data split (default: test, or val where there is no test)")
+    add_file_data_arguments(parser)
     add_device_argument(parser)
     threat = parser.add_argument_group("threat model")
     threat.add_argument("--attack", default="fgsm",
@@ -45,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig(
         checkpoint=args.checkpoint, model=args.model, weights=args.weights, dataset=args.dataset or "",
         data_dir=args.data_dir, download=args.download, split=args.split, subset=args.subset,
+        subset_list=args.subset_list or "", cache=args.cache or "",
         batch_size=args.batch_size, workers=args.workers, device=args.device, attacks=parse_attacks(args.attack),
         eps=parse_eps(args.eps), norm=args.norm, steps=args.steps, step_size=args.step_size,
         random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr)
@@ -59,6 +61,7 @@ class _Progress:
         self.bar = None
         self.task = None
         self.last_line = (0.0, -1)
+        self.last: BatchReport | None = None  # for the summary: where the time went
 
     def __enter__(self) -> _Progress:
         if self.tty:
@@ -76,6 +79,7 @@ class _Progress:
             self.bar.__exit__(*exc)
 
     def __call__(self, report: BatchReport) -> None:
+        self.last = report
         rate = f"{report.images_per_s:,.0f} img/s"
         # The last entry is the worst case (or the only attack) at the largest eps: the number to watch.
         acc = "  ".join(f"robust {k} {v:.1%}" for k, v in list(report.running.items())[-1:])
@@ -91,7 +95,7 @@ class _Progress:
             self.last_line = (now, tenth)
 
 
-def _show(rows: list[ResultRow], out: str) -> None:
+def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None) -> None:
     from rich.console import Console
     from rich.panel import Panel
     from rich.table import Table
@@ -110,6 +114,8 @@ def _show(rows: list[ResultRow], out: str) -> None:
     if failed:
         Console(stderr=True).print(Panel("\n".join(failed), title="sanity checks FAILED (see STYLE.md / checks.py)",
                                          border_style="red"))
+    if timing is not None:
+        console.print(timing.time_split())
     console.print(f"results appended to {out}")
 
 
@@ -119,5 +125,5 @@ def run(args: argparse.Namespace) -> int:
     with _Progress() as progress:
         rows = evaluate(config, on_batch=progress if main_process else None)
     if rows and main_process:
-        _show(rows, str(results_path(config)))
+        _show(rows, str(results_path(config)), progress.last)
     return 0

@@ -71,6 +71,8 @@ class AttackConfig:
     download: bool = False
     split: str = ""  # "" = the data set's natural evaluation split (test, else val)
     subset: int = 0  # deterministic class-balanced subset; 0 = whole split
+    subset_list: str = ""  # file naming the images to take, in its order (e.g. RobustBench's 5,000); "" = none
+    cache: str = ""  # folder of decoded evaluation images (robust_enc.cache); "" = decode every run
     batch_size: int = 128  # images per batch, also ART's batch size
     workers: int = 0  # DataLoader worker processes
     device: str = "auto"
@@ -109,6 +111,20 @@ class BatchReport:
     total: int  # images this process will count
     images_per_s: float  # over this session's batches, attacks included
     running: dict[str, float] = field(default_factory=dict)  # "attack@eps" -> running robust accuracy
+    data_wait_s: float = 0.0  # this session: seconds the loop waited for the DataLoader (decoding, transfer)
+    compute_s: float = 0.0  # this session: seconds in the model and the attacks (clean pass, attacks, checks)
+    session_images: int = 0  # images counted in this session (not resumed ones)
+
+    def time_split(self) -> str:
+        """Where this session's time went: waiting for data vs model compute, with images/s for each (a data wait
+        near zero means the loaders keep up; a large one, more --workers or --cache)."""
+        n = self.session_images
+
+        def rate(seconds: float) -> str:
+            return f"{n / seconds:,.0f} img/s" if seconds > 0 else "-"
+
+        return (f"time: data wait {self.data_wait_s:.1f} s ({rate(self.data_wait_s)}), model compute "
+                f"{self.compute_s:.1f} s ({rate(self.compute_s)}), {n} images")
 
 
 OnBatch = Callable[[BatchReport], None]
@@ -116,7 +132,7 @@ OnBatch = Callable[[BatchReport], None]
 
 def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInfo, rank: int, world: int) -> str:
     settings = asdict(config)
-    for name in ("out", "device", "workers", "gbr", "download", "data_dir"):  # do not change what is counted
+    for name in ("out", "device", "workers", "gbr", "download", "data_dir", "cache"):  # do not change what is counted
         settings.pop(name)
     payload = {"config": settings, "checkpoint": provenance.checkpoint_hash, "run_id": provenance.run_id,
                "dataset": info.name, "split": info.split, "size": info.size, "rank": rank, "world": world,
@@ -411,20 +427,29 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
             total = done_before + len(sampler)
             session_start, session_images = time.perf_counter(), 0
+            data_wait = compute = 0.0  # where the time goes: waiting for batches vs the model and attacks
             stopped = False
+            waited_from = time.perf_counter()
             for j, (x, y) in enumerate(loader):
+                arrived = time.perf_counter()
+                data_wait += arrived - waited_from
                 if max_batches is not None and j >= max_batches:
                     stopped = True
                     break
                 run.batch = rank + (start + j) * world
                 if len(y):
-                    run.step(x, y)
+                    run.step(x, y)  # ends on host reads of the counts, so CUDA work is finished when it returns
+                compute += time.perf_counter() - arrived
                 session_images += len(y)
                 if progress is not None:
                     save_progress(progress, key, start + j + 1, run.tallies)
                 if on_batch is not None:
                     rate = session_images / max(time.perf_counter() - session_start, 1e-9)
-                    on_batch(BatchReport(done_before + session_images, total, rate, run.running()))
+                    on_batch(BatchReport(done_before + session_images, total, rate, run.running(), data_wait, compute,
+                                         session_images))
+                waited_from = time.perf_counter()
+            if session_images:
+                log.info(BatchReport(0, 0, 0.0, {}, data_wait, compute, session_images).time_split())
             if stopped:
                 log.warning("stopped after %d batches; rerun the same command to resume", max_batches)
                 return []
@@ -453,10 +478,11 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
 
 # ------------------------------------------------------------------------------------------------ entry points
 def natural_split(dataset: str, data_dir: str | None, download: bool, subset: int,
-                  image_size: int | None) -> tuple[Dataset, DatasetInfo]:
-    """The data set's evaluation split (test; val for ImageNet layouts), as its registry entry names it."""
+                  image_size: int | None, **kwargs: Any) -> tuple[Dataset, DatasetInfo]:
+    """The data set's evaluation split (test; val for ImageNet layouts), as its registry entry names it; ``kwargs``
+    go to ``build_dataset`` (subset_list, cache, workers)."""
     return build_dataset(dataset, eval_split(dataset), data_dir=data_dir, download=download, subset=subset,
-                         image_size=image_size)
+                         image_size=image_size, **kwargs)
 
 
 def results_path(config: AttackConfig) -> Path:
@@ -474,12 +500,15 @@ def load_model(config: AttackConfig, info: DatasetInfo | None = None) -> tuple[n
     """(model, provenance, the checkpoint's DatasetInfo or None, the model's (classes, input shape))."""
     from robust_enc.checkpoint import load_checkpoint, load_plain_weights, model_from_checkpoint, state_hash
     from robust_enc.models import ModelSpec, weight_norms
+    from robust_enc.train.enc import bake_model
 
     if bool(config.checkpoint) == bool(config.model or config.weights):
         raise UserError("give either --checkpoint RUN_OR_FILE or --model NAME --weights PATH")
     if config.checkpoint:
         ckpt = load_checkpoint(config.checkpoint)
-        model = model_from_checkpoint(ckpt)
+        # ENC/WN/WS baked into plain weights: each layer normalized once here, not in every forward pass of the
+        # attacks (the same outputs: bake_model keeps the very tensors the parametrizations compute).
+        model = bake_model(model_from_checkpoint(ckpt))
         metrics = ckpt.metrics or {}
         wsq = metrics.get("weight_sq_norm")
         provenance = Provenance(
@@ -518,11 +547,13 @@ def evaluate(config: AttackConfig, *, max_batches: int | None = None,
     image_size = None
     if config.checkpoint and shape[1] == shape[2]:
         image_size = int(shape[1])  # image-folder data sets resize to what the model was trained on
+    files = dict(subset_list=config.subset_list or None, cache=config.cache or None, workers=config.workers)
     if config.split:
         dataset, info = build_dataset(dataset_name, config.split, data_dir=config.data_dir, download=config.download,
-                                      subset=config.subset, image_size=image_size)
+                                      subset=config.subset, image_size=image_size, **files)
     else:
-        dataset, info = natural_split(dataset_name, config.data_dir, config.download, config.subset, image_size)
+        dataset, info = natural_split(dataset_name, config.data_dir, config.download, config.subset, image_size,
+                                      **files)
     if not config.checkpoint:
         model, provenance, _, (classes, shape) = load_model(config, info)
     if classes != info.num_classes or tuple(shape) != tuple(info.input_shape):

@@ -1,0 +1,185 @@
+"""Decode once: the evaluation transform's output stored in a memory-mapped file, read by every later evaluation.
+
+A study attacks 11 models with several attacks over the same images; decoding and resizing JPEGs each time costs
+more than FGSM on a GPU. ``--cache DIR`` (or ``robust-enc cache``) stores what ``data.eval_decode_transform`` makes of
+each image (resize the short side to 256, centre crop 224, uint8 CHW) in ``DIR/<data set>-<split>-<key>/images.npy``;
+later runs memory-map it and finish with ``data.to_float``, so the tensors are bit for bit those of the decoding
+path. The key hashes the data set, the transform (with torchvision's and Pillow's versions, which decide the pixels)
+and the file list (paths, sizes, labels, order): change any and a new cache is built beside the old one.
+
+The file is written incrementally, one DataLoader batch at a time, into a temporary folder renamed into place when
+complete: peak memory does not grow with the number of images, and a killed build leaves no half cache. Under
+torchrun the first process of each node builds it and the others wait for the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from robust_enc.data import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, to_float
+from robust_enc.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the stored layout changes: the key changes and old caches are left alone
+BUILD_BATCH = 64  # images decoded per write: bounds the memory a build holds
+
+
+class CachedImages(Dataset):
+    """The images of a built cache: (float32 (3, S, S) in [0, 1], label), memory-mapped per process."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        meta = json.loads((folder / "meta.json").read_text())
+        self.size, self.meta = int(meta["size"]), meta
+        self.targets = np.load(folder / "labels.npy").tolist()
+        self.unreadable = multiprocessing.Value("i", int(meta["unreadable"]))  # skipped when the cache was built
+        self.finish = to_float()
+        self._images: np.ndarray | None = None  # opened lazily: each DataLoader worker maps the file itself
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._images is None:
+            self._images = np.load(self.folder / "images.npy", mmap_mode="r")
+        return self.finish(torch.from_numpy(np.array(self._images[i]))), self.targets[i]
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers get the path, not the mapping
+        return {**self.__dict__, "_images": None}
+
+
+def _image_files(dataset: Dataset) -> list[tuple[str, int]]:
+    """The (path, label) list behind ``dataset`` (image files, or a Subset of them), in the order it yields them."""
+    if isinstance(dataset, Subset):
+        inner = _image_files(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, ImageFiles):
+        return list(dataset.samples)
+    raise UserError("--cache stores decoded image files (imagenet, folder:PATH); this data set is already in memory "
+                    "or generated, so it needs no cache: leave --cache out")
+
+
+def transform_description(image_size: int) -> str:
+    import PIL
+    import torchvision
+
+    return (f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW; "
+            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+
+
+def cache_key(info: DatasetInfo, samples: list[tuple[str, int]]) -> str:
+    files = []
+    for path, label in samples:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1  # unreadable now: decoding will count it as skipped
+        files.append([os.path.abspath(path), size, label])
+    payload = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split,
+               "transform": transform_description(info.input_shape[1]), "files": files}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def cache_folder(cache_dir: str | Path, info: DatasetInfo, samples: list[tuple[str, int]]) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", info.name).strip("_")[:60]
+    return Path(cache_dir) / f"{name}-{info.split}-{cache_key(info, samples)}"
+
+
+def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], *, workers: int = 0) -> None:
+    """Decode ``samples`` with the evaluation transform into ``folder`` (images.npy uint8 (N, 3, S, S), labels.npy,
+    meta.json), writing one batch at a time into a temporary folder renamed into place at the end."""
+    _, height, width = info.input_shape
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(samples), 3, height, width))
+        labels = np.empty(len(samples), dtype=np.int64)
+        decoder = ImageFiles(samples, eval_decode_transform(height))
+        loader = DataLoader(decoder, batch_size=BUILD_BATCH, num_workers=workers, collate_fn=collate_readable)
+        kept = 0
+        for x, y in loader:
+            images[kept: kept + len(y)] = x.numpy()
+            labels[kept: kept + len(y)] = y.numpy()
+            kept += len(y)
+        images.flush()
+        del images
+        unreadable = len(samples) - kept  # their rows stay unused at the end of images.npy
+        np.save(tmp / "labels.npy", labels[:kept])
+        meta = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split, "size": kept,
+                "unreadable": unreadable, "transform": transform_description(height), "requested": len(samples)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if unreadable:
+            log.warning("%d unreadable images were left out of the cache %s", unreadable, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process renamed the same cache into place first: keep theirs
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *, workers: int = 0) -> CachedImages:
+    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key."""
+    samples = _image_files(dataset)
+    if info.input_shape[0] != 3 or info.input_shape[1] != info.input_shape[2]:
+        raise UserError(f"--cache stores square RGB images; {info.name} has {info.input_shape}")
+    folder = cache_folder(cache_dir, info, samples)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"--cache {cache_dir} is a file: give a folder (created if missing)")
+    if not (folder / "meta.json").is_file():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            log.warning("waiting for local rank 0 to build the cache %s", folder)
+            while not (folder / "meta.json").is_file():  # torchrun ends every rank if the builder fails
+                time.sleep(1.0)
+        else:
+            log.warning("decoding %d images into the cache %s (once: later runs read it)", len(samples), folder)
+            started = time.perf_counter()
+            build_cache(folder, info, samples, workers=workers)
+            log.warning("cache built in %.0f s", time.perf_counter() - started)
+    cached = CachedImages(folder)
+    if cached.meta.get("format") != CACHE_FORMAT:
+        raise UserError(f"{folder} is not a cache this version reads: delete it")
+    return cached
+
+
+# ------------------------------------------------------------------------------------------------ robust-enc cache
+def add_arguments(parser: Any) -> None:
+    from robust_enc.cli import add_data_arguments, add_file_data_arguments
+
+    add_data_arguments(parser, default_dataset="imagenet")
+    add_file_data_arguments(parser)
+    parser.add_argument("--split", default="", help="data split (default: the data set's evaluation split)")
+    parser.add_argument("--image-size", type=int, default=224, help="centre crop size in pixels (default 224)")
+
+
+def run(args: Any) -> int:
+    from robust_enc.data import build_dataset, eval_split
+
+    if not args.cache:
+        raise UserError("robust-enc cache needs --cache DIR (the folder the decoded images go to)")
+    split = args.split or eval_split(args.dataset)
+    dataset, info = build_dataset(args.dataset, split, data_dir=args.data_dir, download=args.download,
+                                  subset=args.subset, image_size=args.image_size, subset_list=args.subset_list,
+                                  cache=args.cache, workers=args.workers)
+    assert isinstance(dataset, CachedImages)
+    print(f"{len(dataset)} images of {info.name} ({split}) cached in {dataset.folder}; pass --cache {args.cache} "
+          "to robust-enc attack")
+    return 0
