@@ -114,6 +114,8 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         loader = DataLoader(decoder, batch_size=BUILD_BATCH, num_workers=workers, collate_fn=collate_readable)
         kept = 0
         for x, y in loader:
+            if not len(y):  # a batch of unreadable files only
+                continue
             images[kept: kept + len(y)] = x.numpy()
             labels[kept: kept + len(y)] = y.numpy()
             kept += len(y)

@@ -170,7 +170,8 @@ def test_cache_equals_decoding_bit_for_bit_and_is_reused(tmp_path, monkeypatch):
         build_dataset("imagenet", "val", data_dir=str(root), image_size=64, subset=4, cache=str(tmp_path / "cache"))
 
 
-def test_cache_leaves_out_a_corrupt_file_and_counts_it(tmp_path):
+def test_cache_leaves_out_a_corrupt_file_and_counts_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "BUILD_BATCH", 1)  # the corrupt file's batch is then empty
     _wnid_tree(tmp_path / "val")
     (tmp_path / "val" / WNIDS[7] / "ILSVRC2012_val_00000009.JPEG").write_bytes(b"not a jpeg")
     data, _ = build_dataset("imagenet", "val", data_dir=str(tmp_path), image_size=32, cache=str(tmp_path / "c"))
