@@ -245,17 +245,19 @@ def cpu_part(args: argparse.Namespace) -> str:
 
 
 def gpu_part(args: argparse.Namespace) -> str:
-    device = torch.device("cuda")
+    device = torch.device(args.gpu_device)
+    sync = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    data, info = build_dataset(f"synthetic:3x224x224:1000:{args.gpu_n}", "test")
-    net = build_model(ModelSpec("resnet50", 1000, info.input_shape, info.mean, info.std))
+    size = args.gpu_size
+    data, info = build_dataset(f"synthetic:3x{size}x{size}:1000:{args.gpu_n}", "test")
+    net = build_model(ModelSpec(args.gpu_model, 1000, info.input_shape, info.mean, info.std))
     model_all = _WithPrototypes(net, data.prototypes).to(device).eval()
     loader = build_loader(data, batch_size=args.gpu_batch_size)
     generator = torch.Generator().manual_seed(0)
 
     def run_suite(attack: str, steps: int | None) -> Callable[[], object]:
         return lambda: benchmark(model_all, data, info=info, attacks=(attack,), eps=(EPS,), steps=steps,
-                                 batch_size=args.gpu_batch_size, device="cuda")
+                                 batch_size=args.gpu_batch_size, device=args.gpu_device)
 
     def run_bare(steps: int) -> Callable[[], object]:
         def go() -> object:
@@ -266,13 +268,14 @@ def gpu_part(args: argparse.Namespace) -> str:
                 model_all.requires_grad_(True)
         return go
 
-    fgsm = interleaved(run_suite("fgsm", None), run_bare(0), 3, True)
-    pgd = interleaved(run_suite("pgd", 10), run_bare(10), 2, True)
+    fgsm = interleaved(run_suite("fgsm", None), run_bare(0), args.gpu_rounds, sync)
+    pgd = interleaved(run_suite("pgd", 10), run_bare(10), max(1, args.gpu_rounds - 1), sync)
     n = args.gpu_n
     return "\n".join([
         "",
-        f"GPU: ResNet-50 (untrained, plus a nearest-prototype score so clean examples are right and get attacked) "
-        f"at 224x224, synthetic:3x224x224:1000:{n}, batch {args.gpu_batch_size}, eps 8/255:",
+        f"GPU: {args.gpu_model} (untrained, plus a nearest-prototype score so clean examples are right and get "
+        f"attacked) at {size}x{size}, synthetic:3x{size}x{size}:1000:{n}, batch {args.gpu_batch_size}, eps 8/255 "
+        f"(device {args.gpu_device}):",
         "",
         "| run | suite img/s | bare torch img/s | suite / bare time |",
         "|---|---|---|---|",
@@ -307,7 +310,19 @@ def main() -> None:
     parser.add_argument("--gpu-n", type=int, default=512)
     parser.add_argument("--gpu-batch-size", type=int, default=128)
     parser.add_argument("--no-write", action="store_true", help="print instead of writing BENCHMARKS.md")
+    # For benchmarks/gpu.sh: only the GPU part, into its own section; its --dry-run runs it tiny on the CPU.
+    parser.add_argument("--gpu-only", action="store_true", help="only the ResNet-50 GPU part")
+    parser.add_argument("--gpu-device", default="cuda", help="device of the GPU part (cpu for a dry run)")
+    parser.add_argument("--gpu-model", default="resnet50", help="model of the GPU part (a tiny one for a dry run)")
+    parser.add_argument("--gpu-size", type=int, default=224, help="image side of the GPU part")
+    parser.add_argument("--gpu-rounds", type=int, default=3, help="timed FGSM rounds of the GPU part (PGD: one less)")
     args = parser.parse_args()
+    if args.gpu_only:
+        text = f"## attacks-gpu: ResNet-50 images/s under FGSM and PGD-10\n\nMachine: {machine()}.\n" + gpu_part(args)
+        print(text)
+        if not args.no_write:
+            write_section("attacks-gpu", text)
+        return
     text = cpu_part(args)
     if torch.cuda.is_available():
         text += "\n" + gpu_part(args)

@@ -103,20 +103,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-resnet50-cpu", action="store_true", help="leave out the small CPU ResNet-50 check")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    # For benchmarks/gpu.sh: only the GPU rows, into their own section; its --dry-run runs them tiny on the CPU.
+    parser.add_argument("--gpu-only", action="store_true", help="only the ResNet-50 bf16 channels_last rows")
+    parser.add_argument("--gpu-device", default="cuda", help="device of the GPU rows (cpu for a dry run)")
+    parser.add_argument("--gpu-model", default="resnet50", help="model of the GPU rows (a tiny one for a dry run)")
+    parser.add_argument("--gpu-size", type=int, default=224, help="image side of the GPU rows")
+    parser.add_argument("--gpu-batches", default="64,128", help="batch sizes of the GPU rows")
+    parser.add_argument("--gpu-steps", type=int, default=50, help="timed rounds per GPU row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    settings = [Setting("ResNet-20, Fashion-MNIST 1x28x28, batch 128, fp32", "resnet20", (1, 28, 28), 128,
-                        steps=args.steps)]
-    if not args.skip_resnet50_cpu:
+    settings = [] if args.gpu_only else [Setting("ResNet-20, Fashion-MNIST 1x28x28, batch 128, fp32", "resnet20",
+                                                 (1, 28, 28), 128, steps=args.steps)]
+    if not args.skip_resnet50_cpu and not args.gpu_only:
         settings.append(Setting("ResNet-50, synthetic 3x64x64, batch 16, fp32", "resnet50", (3, 64, 64), 16,
                                 steps=max(5, args.steps // 3)))
-    if torch.cuda.is_available():
-        for batch in (64, 128):
-            settings.append(Setting(f"ResNet-50, 3x224x224, batch {batch}, bf16 autocast, channels_last (GPU)",
-                                    "resnet50", (3, 224, 224), batch, device="cuda", amp="bf16", channels_last=True,
-                                    steps=50))
+    if torch.cuda.is_available() or args.gpu_only:
+        size = args.gpu_size
+        for batch in (int(b) for b in args.gpu_batches.split(",")):
+            name = "ResNet-50" if args.gpu_model == "resnet50" else args.gpu_model
+            settings.append(Setting(f"{name}, 3x{size}x{size}, batch {batch}, bf16 autocast, channels_last (GPU)",
+                                    args.gpu_model, (3, size, size), batch, device=args.gpu_device, amp="bf16",
+                                    channels_last=True, steps=args.gpu_steps))
     rows = []
     for setting in settings:
         g = torch.Generator().manual_seed(0)
@@ -160,7 +169,7 @@ def main() -> None:
                "script runs on a CUDA machine."]),
     ])
     if not args.no_write:
-        write_section("enc-overhead", markdown)
+        write_section("enc-overhead-gpu" if args.gpu_only else "enc-overhead", markdown)
     print(markdown)
 
 
