@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_passes_and_leaves_benchmarks_alone(tmp_path):
     benchmarks_md = ROOT / "BENCHMARKS.md"
     before = benchmarks_md.read_bytes()
