@@ -1,10 +1,19 @@
 """One checkpoint format: state dict + model spec + resolved config + data set metadata + metrics + library versions
-+ a content hash, written atomically. Also loads plain torchvision/timm state-dict files (``--weights``)."""
++ a content hash, written atomically. Also loads plain torchvision/timm state-dict files (``--weights``).
+
+Loading never runs code: every file is read with ``torch.load(weights_only=True)``, which admits tensors, dicts,
+lists, tuples, str, int, float, bool and None only (a pickled ``__reduce__`` payload is refused, not executed). So the
+payload holds nothing else: RNG states are stored as tensors and lists (``safe_rng_state``), versions as plain str.
+Format 1 (robust-enc before this) pickled numpy RNG states and torch's ``TorchVersion``: such files are refused with a
+line naming ``robust-enc checkpoint convert``, which rewrites a *trusted* one in format 2.
+"""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +28,7 @@ from robust_enc.models import ModelSpec, NormalizedModel, build_model
 from robust_enc.results import library_versions
 
 FORMAT = "robust-enc-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: loads with weights_only=True; 1: pickled numpy RNG states (convert to load)
 CHECKPOINT_NAME = "checkpoint.pt"  # inside a run folder
 
 
@@ -47,22 +56,68 @@ def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:12]
 
 
+def safe_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """{"torch", "numpy", "python", "cuda"} RNG states as ``weights_only``-loadable values: numpy's MT19937 tuple as a
+    dict with an int64 key tensor, python's state tuple as a list. Already-safe states pass through unchanged."""
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, tuple):  # np.random.get_state(): (name, uint32 key[624], pos, has_gauss, gauss)
+        name, key, pos, has_gauss, gauss = numpy_state
+        numpy_state = {"name": str(name), "key": torch.from_numpy(key.astype("int64")), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    if isinstance(python_state, tuple):  # random.getstate(): (version, 625 ints, gauss_next)
+        python_state = [python_state[0], list(python_state[1]), python_state[2]]
+    return {"torch": state["torch"], "numpy": numpy_state, "python": python_state, "cuda": state.get("cuda")}
+
+
+def live_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``safe_rng_state``: values that np.random.set_state and random.setstate take."""
+    numpy_state = state["numpy"]
+    numpy_state = (numpy_state["name"], numpy_state["key"].numpy().astype("uint32"), numpy_state["pos"],
+                   numpy_state["has_gauss"], numpy_state["gauss"])
+    version, internal, gauss_next = state["python"]
+    return {"torch": state["torch"], "numpy": numpy_state, "python": (version, tuple(internal), gauss_next),
+            "cuda": state.get("cuda")}
+
+
+def _plain(value: Any) -> Any:
+    """Containers of tensors and JSON-like values, nothing weights_only refuses: str subclasses (torch's
+    TorchVersion) become str, numpy scalars Python numbers."""
+    if isinstance(value, torch.Tensor) or value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, str):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar
+        return value.item()
+    for kind in (bool, int, float):  # subclasses (enums, ...)
+        if isinstance(value, kind):
+            return kind(value)
+    raise TypeError(f"a checkpoint holds tensors and JSON-like values only, not {type(value).__name__}")
+
+
+def _write_payload(path: str | Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(_plain(payload), buffer)
+    write_atomic(path, lambda f: f.write(buffer.getvalue()), binary=True)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, *, run_id: str,
                     dataset_info: DatasetInfo | None = None, config: dict[str, Any] | None = None,
                     metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
-    """Write a checkpoint atomically; return its content hash."""
+    """Write a checkpoint atomically; return its content hash. RNG states in ``extra["rng"]`` must come from
+    ``safe_rng_state``."""
     module = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     content_hash = state_hash(state)
-    payload = {
+    _write_payload(path, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id, "spec": spec.to_dict(),
         "state_dict": state, "dataset_info": dataset_info.to_dict() if dataset_info else None,
         "config": config or {}, "metrics": metrics or {}, "versions": library_versions(),
         "content_hash": content_hash, "extra": extra or {},
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomic(path, lambda f: f.write(buffer.getvalue()), binary=True)
+    })
     return content_hash
 
 
@@ -76,22 +131,57 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0] if text else ''}"
+
+
+def read_safely(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that needs pickle is refused with one line, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only names the first class or function it refused: a GLOBAL
+        if "GLOBAL" not in str(err):
+            raise UserError(f"cannot read {what} {path}: not a torch file, or a damaged one") from None
+        raise UserError(f"{path} needs pickle to load (a robust-enc checkpoint of format 1, or not a robust-enc "
+                        f"file), and unpickling can run code: refused. If you trust it, convert it with "
+                        f"'robust-enc checkpoint convert {path}'") from None
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise UserError(f"cannot read {what} {path}: {_first_line(err)}") from None
+
+
+def _payload_error(path: Path, payload: Any) -> str:
+    """What makes ``payload`` not a usable checkpoint ("" when it is one)."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return (f"{path} is not a robust-enc checkpoint; for a plain torchvision/timm state dict use --model NAME "
+                "--weights PATH")
+    if payload.get("format_version") not in (1, FORMAT_VERSION):
+        return (f"{path} is a robust-enc checkpoint of format {payload.get('format_version')!r}; this robust-enc "
+                f"reads format {FORMAT_VERSION}: use the robust-enc that wrote it")
+    for key, kind in (("spec", dict), ("state_dict", dict)):
+        if not isinstance(payload.get(key), kind):
+            return f"{path}: the checkpoint has no {key!r} entry; it is damaged: re-create it with robust-enc train"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        return f"{path}: the checkpoint's state_dict is not a mapping of names to tensors; re-create it"
+    return ""
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = checkpoint_file(path)
+    payload = read_safely(path, "checkpoint")
+    if problem := _payload_error(path, payload):
+        raise UserError(problem)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {err.__class__.__name__}: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not a robust-enc checkpoint; for a plain torchvision/timm state dict use "
-                        "--model NAME --weights PATH")
-    return Checkpoint(
-        spec=ModelSpec.from_dict(payload["spec"]), state_dict=payload["state_dict"],
-        dataset_info=DatasetInfo.from_dict(payload["dataset_info"]) if payload.get("dataset_info") else None,
-        config=payload.get("config", {}), metrics=payload.get("metrics", {}), versions=payload.get("versions", {}),
-        content_hash=payload.get("content_hash", ""), run_id=payload.get("run_id", path.parent.name),
-        extra=payload.get("extra", {}), path=str(path),
-    )
+        return Checkpoint(
+            spec=ModelSpec.from_dict(payload["spec"]), state_dict=payload["state_dict"],
+            dataset_info=DatasetInfo.from_dict(payload["dataset_info"]) if payload.get("dataset_info") else None,
+            config=payload.get("config", {}), metrics=payload.get("metrics", {}),
+            versions=payload.get("versions", {}), content_hash=payload.get("content_hash", ""),
+            run_id=payload.get("run_id", path.parent.name), extra=payload.get("extra", {}), path=str(path),
+        )
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: the checkpoint's spec or dataset_info is malformed ({_first_line(err)}); "
+                        "re-create it with robust-enc train") from None
 
 
 def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -131,9 +221,14 @@ def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
     if not weights.is_file():
         raise UserError(f"weights file {weights} does not exist")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read weights {weights}: {err.__class__.__name__}: {err}") from None
+        state = read_safely(weights, "weights")
+    except UserError:
+        raise UserError(f"{weights} is not a plain state dict (it needs pickle to load, which can run code): "
+                        "for a robust-enc checkpoint use --checkpoint PATH; convert a trusted older one with "
+                        f"'robust-enc checkpoint convert {weights}'") from None
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        raise UserError(f"{weights} is a robust-enc checkpoint, not a plain state dict: pass it as --checkpoint "
+                        f"{weights} (without --model/--weights)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -143,3 +238,52 @@ def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
                  "normalize.mean": model.normalize.mean, "normalize.std": model.normalize.std}
     load_state_strict(model, state, str(weights))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def convert_checkpoint(path: str | Path) -> bool:
+    """Rewrite a *trusted* format-1 checkpoint in format 2, atomically (weights, hash and RNG streams unchanged, so
+    resume stays exact). Returns False when the file already loads safely. Unpickles the file: trusted files only."""
+    path = checkpoint_file(path)
+    try:
+        read_safely(path, "checkpoint")
+        return False
+    except UserError as err:
+        if "needs pickle" not in str(err):
+            raise
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    if problem := _payload_error(path, payload):
+        raise UserError(problem)
+    extra = dict(payload.get("extra") or {})
+    if extra.get("rng"):
+        extra["rng"] = [safe_rng_state(state) for state in extra["rng"]]
+    payload = {**payload, "format_version": FORMAT_VERSION, "extra": extra,
+               "versions": {k: str(v) for k, v in (payload.get("versions") or {}).items()}}
+    try:
+        _write_payload(path, payload)
+    except TypeError as err:
+        raise UserError(f"cannot convert {path}: {err}") from None
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    convert = sub.add_parser("convert", help="rewrite trusted checkpoints of robust-enc format 1 in the safe format "
+                                             "(reading them unpickles them: only files you trust)")
+    convert.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or run folders")
+
+
+def run(args: argparse.Namespace) -> int:
+    for given in args.paths:
+        folder = Path(given)
+        # A run folder's two checkpoint files (train.run_folder.EXPORT_NAME is the second; it imports this module).
+        paths = [p for p in (folder / CHECKPOINT_NAME, folder / "exported.pt") if p.is_file()] if folder.is_dir() \
+            else [checkpoint_file(folder)]
+        if not paths:
+            checkpoint_file(folder)  # raises the usual "no checkpoint" line
+        for path in paths:
+            print(f"{path}: {'converted' if convert_checkpoint(path) else 'already in the safe format'}")
+    return 0

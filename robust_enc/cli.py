@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from robust_enc.errors import UserError
 
@@ -19,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("robust_enc.reports.cli", "Table 3-style leaderboard, correlation with GBR, plots"),
     "cache": ("robust_enc.cache", "decode an image data set's evaluation images once into a memory-mapped cache"),
     "reproduce": ("robust_enc.reproduce", "the whole Table 3 study in one command (train, gbr, attack, report)"),
+    "checkpoint": ("robust_enc.checkpoint", "convert trusted checkpoints of an older robust-enc to the safe format"),
     "models": ("robust_enc.cli", "list the model zoo"),
     "datasets": ("robust_enc.cli", "list the data sets"),
 }
@@ -81,10 +84,34 @@ def _list_registry(kind: str) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (what was wrong, where the help is) and exit 2, like every other
+    user error; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"robust-enc: error: {message} (see '{self.prog} --help')\n")
+
+
+# "--eps -1/255": argparse reads a value that starts with "-" and is not a plain negative number as an option, and
+# answers "expected one argument". Attached to its option ("--eps=-1/255"), the value reaches the option's own check,
+# which says what is wrong with it.
+_DASHED_VALUE = re.compile(r"^-[\d.]")
+
+
+def _attach_dashed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in argv:
+        if out and _DASHED_VALUE.match(item) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={item}"
+        else:
+            out.append(item)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from robust_enc import __version__
 
-    parser = argparse.ArgumentParser(prog="robust-enc", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="robust-enc", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"robust-enc {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -102,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_dashed_values(argv))
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         if not args.command:

@@ -465,6 +465,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, wo
     """A DataLoader that drops unreadable images and, when shuffling, shuffles reproducibly from ``seed``."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 loads in the main process), got {workers}")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_readable, generator=generator, drop_last=drop_last,

@@ -483,7 +483,9 @@ def run(args: argparse.Namespace) -> int:
         payload = {**provenance, "dataset": info.name, "split": info.split, "subset": args.subset,
                    "train_mode": args.train_mode, "seed": args.seed, "device": str(device),
                    **result.to_dict(), **library_versions()}
-        payload = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
+        # JSON has no NaN or inf: NaN (undefined) becomes null, an overflowed GBR the string "inf".
+        payload = {k: ((None if math.isnan(v) else str(v)) if isinstance(v, float) and not math.isfinite(v) else v)
+                   for k, v in payload.items()}
         write_text_atomic(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
         console.print(f"  wrote {escape(str(args.json))}")
     return 0

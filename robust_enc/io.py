@@ -1,12 +1,28 @@
-"""Atomic file writes: results, checkpoints and reports are never left half-written."""
+"""Atomic file writes: results, checkpoints and reports are never left half-written.
+
+A write goes to ``.NAME.<pid>.<random>.tmp`` beside its target and is renamed into place. A writer killed in between
+(kill -9, power loss) leaves that file behind; the first write of a later process into the folder removes the temp
+files whose writer is gone (its pid no longer runs on this machine) or that are older than a day (pids get reused;
+temp files from other machines on a shared file system are judged by age only)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
+
+T = TypeVar("T")
+
+STALE_AFTER_S = 24 * 3600
+_TEMP_NAME = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's 8-character random part
+_swept: set[Path] = set()  # folders this process has swept already
 
 
 def _umask() -> int:
@@ -16,13 +32,60 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from other users
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files (and temp report folders) of dead writers in ``folder``; return what was removed.
+    Names without a pid (written by robust-enc before pids were recorded) go by age alone."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match:
+            continue
+        try:
+            old = now - entry.lstat().st_mtime > STALE_AFTER_S
+        except OSError:  # gone meanwhile: its writer finished
+            continue
+        pid = int(match.group(1)) if match.group(1) else None
+        if pid == os.getpid() or not (old or (pid is not None and not _pid_running(pid))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _prepare_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = folder.resolve()
+    if resolved not in _swept:
+        _swept.add(resolved)
+        sweep_stale_temps(folder)
 
 
 def write_atomic(path: str | Path, write: Callable[[IO], None], *, binary: bool = False) -> Path:
     """Call ``write(f)`` on a temporary file in the target folder, fsync, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _prepare_folder(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
@@ -38,3 +101,40 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], *, binary: bool 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text))
+
+
+def replace_folder_atomic(folder: str | Path, fill: Callable[[Path], T]) -> T:
+    """Call ``fill(tmp)`` on a fresh temporary folder beside ``folder``, then put it in ``folder``'s place; an error
+    (a full disk, ...) leaves the previous ``folder`` as it was and no temporary folder behind. The swap is two renames:
+    a kill between them leaves both under temp names (``.NAME.<pid>.<random>.tmp``)."""
+    folder = Path(folder)
+    _prepare_folder(folder.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+    try:
+        os.chmod(tmp, _DIR_MODE)
+        result = fill(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+            os.replace(folder, old)  # an empty folder is replaced by rename
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.NAME.lock`` beside ``path`` for a read-modify-write of ``path``: concurrent
+    processes on this machine take turns (the lock file stays; it is empty)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -3,7 +3,12 @@
 Numbers stay numbers: eps is a float in [0, 1] pixel units, accuracies are fractions in [0, 1]; only renderers show
 percent or "4/255". The clean row is attack ``none`` with eps 0. ``adv_top1`` counts an example as robust only when it
 is classified correctly both clean and under attack (RobustBench/AutoAttack), so ``adv_top1 <= clean_top1`` always.
-Missing numbers (top-5 with <= 10 classes, GBR not measured) are NaN.
+Missing numbers (top-5 with <= 10 classes, GBR not measured) are NaN, an empty CSV cell / JSON null; a GBR that
+overflowed is inf, written ``inf`` (a JSON string), never blank.
+
+Reading is strict: every cell of every row must parse completely (see ``_parse_cell``), or the whole file is refused
+with one line naming the row and column; a truncated file, a hand-edited typo or ``n=inf`` never becomes a number.
+Appending takes a file lock, so concurrent writers into one results file keep each other's rows.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from robust_enc.errors import UserError
-from robust_enc.io import write_atomic
+from robust_enc.io import locked, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +123,70 @@ FIELD_NAMES = [f.name for f in fields(ResultRow)]
 _FIELD_TYPES = {f.name: f.type for f in fields(ResultRow)}
 
 
-def _coerce(name: str, text: Any) -> Any:
+# What a cell read back must hold, beyond its type: text that may not be empty, numbers that must be given (not NaN),
+# numbers that may be inf (an overflowed GBR, logit spread or weight norm), the least value of each integer. Every
+# float is >= 0.
+_NON_EMPTY = frozenset({"run_id", "model", "dataset", "split", "attack", "norm", "created_at"})
+_REQUIRED_NUMBERS = frozenset({"eps", "step_size", "clean_top1", "adv_top1"})
+_MAY_BE_INF = frozenset({"gbr", "gbr_stderr", "logit_spread", "gbr_scale_free", "gbr_loss", "weight_sq_norm"})
+_LEAST_INT = {"n": 1, "subset": 0, "steps": 0, "restarts": 0, "seed": 0}
+NORMS = ("linf", "l2", "none")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def _parse_cell(name: str, value: Any) -> Any:
+    """One cell (CSV text or a JSON value) as its field's type; ValueError says what is wrong with it."""
     kind = _FIELD_TYPES[name]
-    if kind == "float":
-        return NAN if text in ("", None) else float(text)
+    if value is None and kind != "float":
+        raise ValueError("missing (a row shorter than the header: the file may be truncated)")
     if kind == "int":
-        return int(float(text))
-    return "" if text is None else str(text)
+        if isinstance(value, bool) or not (isinstance(value, int) or _INTEGER.match(str(value).strip())):
+            raise ValueError(f"{value!r} is not an integer")
+        number = int(value)
+        if number < _LEAST_INT[name]:
+            raise ValueError(f"{number} is below {_LEAST_INT[name]}")
+        return number
+    if kind == "float":
+        if value is None or value == "" or (isinstance(value, str) and value.strip().lower() == "nan"):
+            number = NAN
+        elif isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{value!r} is not a number") from None
+        if math.isnan(number):
+            if name in _REQUIRED_NUMBERS:
+                raise ValueError("empty, but this number is required")
+            return number
+        if math.isinf(number) and (name not in _MAY_BE_INF or number < 0):
+            raise ValueError(f"{value!r} is not a finite number")
+        if number < 0:
+            raise ValueError(f"{number} is negative")
+        return number
+    text = str(value)
+    if name in _NON_EMPTY and not text.strip():
+        raise ValueError("empty")
+    if name == "norm" and text not in NORMS:
+        raise ValueError(f"{text!r} is not one of {', '.join(NORMS)}")
+    if name == "created_at":
+        try:
+            datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an ISO date-time (the file may be truncated)") from None
+    return text
 
 
-def row_from_dict(data: dict[str, Any], *, source: str = "results") -> ResultRow:
+def row_from_dict(data: dict[str, Any], *, source: str = "results", row: int | None = None) -> ResultRow:
+    """One row read back; every cell must parse (``_parse_cell``) or a UserError names the row and column."""
+    where = f"{source}: row {row}" if row is not None else source
     if not isinstance(data, dict):
-        raise UserError(f"{source}: a results row must be an object of column -> value, got {type(data).__name__} "
+        raise UserError(f"{where}: a results row must be an object of column -> value, got {type(data).__name__} "
                         f"{str(data)[:40]!r}; re-create the file with robust-enc")
+    if None in data:  # csv.DictReader's key for cells beyond the header
+        raise UserError(f"{where} has {len(data[None])} more cells than the header; the file is refused: fix that "
+                        "row or re-create the file")
     if all(n not in data for n in ADDED_IN_V2):  # a v1 row: the companions were not measured
         data = {**data, **dict.fromkeys(ADDED_IN_V2, "")}
     missing = [n for n in FIELD_NAMES if n not in data]
@@ -139,10 +196,24 @@ def row_from_dict(data: dict[str, Any], *, source: str = "results") -> ResultRow
             f"{source}: not a robust-enc v{SCHEMA_VERSION} results file (missing columns {missing[:5]}, unknown "
             f"{extra[:5]}); re-create it with this version of robust-enc"
         )
+    values = {}
+    for name in FIELD_NAMES:
+        try:
+            values[name] = _parse_cell(name, data[name])
+        except ValueError as err:
+            raise UserError(f"{where}, column {name!r}: {err}; the file is refused: fix that row or re-create the "
+                            "file") from None
     try:
-        return ResultRow(**{n: _coerce(n, data[n]) for n in FIELD_NAMES})
+        return ResultRow(**values)
     except (TypeError, ValueError) as err:
-        raise UserError(f"{source}: invalid row ({err})") from None
+        raise UserError(f"{where}: invalid row ({err}); the file is refused: fix that row or re-create the "
+                        "file") from None
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
 
 
 def _nan_to_empty(value: Any) -> Any:
@@ -154,10 +225,9 @@ def write_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
     path = Path(path)
     rows = list(rows)
     if path.suffix == ".json":
-        # JSON has no NaN or inf: both become null (read back as NaN).
+        # JSON has no NaN or inf: NaN (not measured) becomes null, inf (overflowed) the string "inf".
         payload = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION,
-                   "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in r.to_dict().items()} for r in rows]}
+                   "rows": [{k: _json_number(v) for k, v in r.to_dict().items()} for r in rows]}
         return write_atomic(path, lambda f: json.dump(payload, f, indent=1, allow_nan=False))
 
     def write_csv(f) -> None:
@@ -195,32 +265,46 @@ def _read_results(path: Path) -> list[ResultRow]:
         rows = payload.get("rows", [])
         if not isinstance(rows, list):
             raise UserError(f"{path}: \"rows\" must be a list of row objects, got {type(rows).__name__}")
-        return [row_from_dict(d, source=str(path)) for d in rows]
+        return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(rows, 1)]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         v1 = [n for n in FIELD_NAMES if n not in ADDED_IN_V2]
         if reader.fieldnames not in (FIELD_NAMES, v1):
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
-        return [row_from_dict(d, source=str(path)) for d in reader]
+        return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(reader, 1)]
+
+
+def check_results_target(path: str | Path) -> Path:
+    """Fail before any work when rows could not be appended to ``path`` later: a folder in its place, a wrong suffix,
+    or an existing file that is not a readable results file."""
+    path = Path(path)
+    if path.suffix not in (".csv", ".json"):
+        raise UserError(f"results file {path} must end in .csv or .json")
+    if path.is_dir():
+        raise UserError(f"results file {path} is a folder; give a file name ending in .csv or .json")
+    if path.exists():
+        read_results(path)  # refused now, not after the whole evaluation
+    return path
 
 
 def append_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
-    """Add rows to a results file atomically (read, extend, rewrite), replacing rows with the same key and the rows
-    of earlier checkpoints of the same run (a retrained run: its old checkpoint is gone, and its rows would count as
-    another seed in the report)."""
+    """Add rows to a results file atomically (read, extend, rewrite, under a lock so concurrent writers take turns),
+    replacing rows with the same key and the rows of earlier checkpoints of the same run (a retrained run: its old
+    checkpoint is gone, and its rows would count as another seed in the report)."""
     path = Path(path)
     new = list(rows)
-    old = read_results(path) if path.exists() else []
     new_keys = {r.key() for r in new}
     current = {(r.run_id, r.dataset): r.checkpoint_hash for r in new if r.checkpoint_hash}
 
     def stale(r: ResultRow) -> bool:
         return bool(r.checkpoint_hash) and current.get((r.run_id, r.dataset), r.checkpoint_hash) != r.checkpoint_hash
 
-    dropped = [r for r in old if stale(r)]
-    if dropped:
-        log.warning("%s: replaced %d rows of earlier checkpoint(s) %s of %s", path, len(dropped),
-                    ", ".join(sorted({r.checkpoint_hash for r in dropped})),
-                    ", ".join(sorted({r.run_id for r in dropped})))
-    return write_results(path, [r for r in old if r.key() not in new_keys and not stale(r)] + new)
+    with locked(path):
+        old = read_results(path) if path.exists() else []
+        dropped = [r for r in old if stale(r)]
+        if dropped:
+            log.warning("%s: replaced %d rows of earlier checkpoint(s) %s of %s", path, len(dropped),
+                        ", ".join(sorted({r.checkpoint_hash for r in dropped})),
+                        ", ".join(sorted({r.run_id for r in dropped})))
+        return write_results(path, [r for r in old if r.key() not in new_keys and not stale(r)] + new)

@@ -14,7 +14,7 @@ from torch import nn
 from robust_enc.attacks import art_adapter
 from robust_enc.attacks.checks import RowStats, check_rows
 from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
-from robust_enc.attacks.runner import AttackConfig, _measure_gbr, benchmark, evaluate, progress_path
+from robust_enc.attacks.runner import AttackConfig, _measure_gbr, benchmark, evaluate
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import DatasetInfo, TensorImages, build_dataset, build_loader
@@ -358,7 +358,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(trained, uninterrupted
     whole = uninterrupted
     config = _config(run, tmp_path / "resumed.csv")
     assert evaluate(config, max_batches=2) == []  # "killed" after 2 of 5 batches
-    progress = progress_path(tmp_path / "resumed.csv", 0, 1)
+    progress = next(tmp_path.glob("resumed.csv.progress.*.json"))
     assert progress.is_file() and not (tmp_path / "resumed.csv").exists()
     served: list[int] = []
     resumed = evaluate(config, on_batch=lambda report: served.append(report.done))
@@ -366,10 +366,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(trained, uninterrupted
     assert measured(resumed) == measured(whole)
     assert measured(read_results(tmp_path / "resumed.csv")) == measured(whole)
     assert not progress.exists()
-    # a progress file of another config is not used
+    # another config has its own progress file: it neither resumes this one's nor discards it
     evaluate(config, max_batches=1)
     other = evaluate(replace(config, attacks=("fgsm",), eps=(8 / 255,)))
-    assert other[0].n == 230
+    assert other[0].n == 230 and progress.is_file()
 
 
 def test_sharded_hutchinson_gbr_sums_to_the_one_process_totals():

@@ -10,9 +10,10 @@ the data set. Only integer counts (and a few maxima) are kept per (attack, eps).
 
 - sharded over ``torchrun`` processes by whole batches (rank r takes global batches r, r + world, ...), then summed
   with ``all_reduce``: every batch holds the same images as in one process, so the totals are identical;
-- saved atomically after every batch to a progress file next to the results file, keyed by a hash of the config and
-  the checkpoint: a killed run resumes at the next batch. Random starts are seeded per (seed, global batch, attack,
-  eps), so a resumed or sharded run draws the same random numbers as an uninterrupted one (``state.py``).
+- saved atomically after every batch to a progress file next to the results file, named by a hash of the config and
+  the checkpoint (so runs sharing a results file keep their own): a killed run resumes at the next batch. Random
+  starts are seeded per (seed, global batch, attack, eps), so a resumed or sharded run draws the same random numbers
+  as an uninterrupted one (``state.py``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from robust_enc.attacks.state import (
 )
 from robust_enc.data import DatasetInfo, build_dataset, build_loader, eval_split, unreadable_count
 from robust_enc.errors import UserError
-from robust_enc.results import ResultRow, append_results, library_versions
+from robust_enc.results import ResultRow, append_results, check_results_target, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +417,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
                                                       input_shape=info.input_shape, device=device)
             run.prepare(classifier)
             key = _progress_key(config, provenance, info, rank, world)
-            progress = progress_path(out, rank, world) if out is not None else None
+            progress = progress_path(out, key) if out is not None else None
             start = 0
             if progress is not None and (saved := load_progress(progress, key)) is not None:
                 start, run.tallies = saved
@@ -560,9 +561,7 @@ def evaluate(config: AttackConfig, *, max_batches: int | None = None,
         raise UserError(f"the model was built for {classes} classes of {tuple(shape)} images, but {info.name} "
                         f"({info.split}) has {info.num_classes} classes of {tuple(info.input_shape)}: pass the "
                         "data set the model was trained on (--dataset)")
-    out = results_path(config)
-    if out.suffix not in (".csv", ".json"):
-        raise UserError(f"--out {out} must end in .csv or .json")
+    out = check_results_target(results_path(config))  # a folder or a broken file fails now, not after the attack
     return run_evaluation(model, dataset, info, config, provenance, out=out, max_batches=max_batches,
                           on_batch=on_batch)
 

@@ -133,9 +133,10 @@ def all_reduce(tallies: Tallies, gbr_sums: list[float], world: int,
 
 
 # ------------------------------------------------------------------------------------------------ progress file
-def progress_path(out: Path, rank: int, world: int) -> Path:
-    suffix = "" if world == 1 else f".rank{rank}of{world}"
-    return out.with_name(f"{out.name}.progress{suffix}.json")
+def progress_path(out: Path, key: str) -> Path:
+    """The progress file of one evaluation (``key``: its config, checkpoint, rank and world): keyed by the run, not the
+    results file, so runs that share one results file never resume (or discard) each other's progress."""
+    return out.with_name(f"{out.name}.progress.{key}.json")
 
 
 def load_progress(path: Path, key: str) -> tuple[int, Tallies] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robust_enc.errors import UserError
-from robust_enc.io import write_text_atomic
+from robust_enc.io import replace_folder_atomic, write_text_atomic
 from robust_enc.results import ResultRow, read_results
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ TABLES = {  # file stem -> title
     "leaderboard": "Leaderboard",
     "correlation": "Correlation of GBR with accuracy and the generalization gap",
 }
+# What a report folder holds (write_report), hidden temp files aside: a folder holding only these may be replaced.
+_REPORT_ENTRY = re.compile(rf"^(index\.md|plots|({'|'.join(TABLES)})\.\w+|\..*\.tmp)$")
 
 
 @dataclass
@@ -222,7 +224,8 @@ def _fill_from_cards(rows: list[ResultRow], runs: list[RunFolder]) -> list[Resul
         updates = {}
         for name in FROM_CARD if card else ():
             value = card.get(name)
-            if math.isnan(getattr(row, name)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = (isinstance(value, (int, float)) and not isinstance(value, bool)) or value == "inf"  # overflowed
+            if math.isnan(getattr(row, name)) and number:
                 updates[name] = float(value)
         filled.append(replace(row, **updates) if updates else row)
     return filled
@@ -300,13 +303,20 @@ def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
-    """``out_dir`` when it is a folder or can be made one (no file in its place or above it), else a UserError."""
+    """``out_dir`` when it is a folder or can be made one (no file in its place or above it) and holds nothing but an
+    earlier report (it is replaced whole), else a UserError."""
     out_dir = Path(out_dir)
     for path in (out_dir, *out_dir.parents):
         if path.exists():
             if not path.is_dir():
                 raise UserError(f"--out {out_dir}: {path} is a file, not a folder; choose another output folder")
             break
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _REPORT_ENTRY.match(p.name))
+        if foreign:
+            raise UserError(f"--out {out_dir} holds files that are not a robust-enc report ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}), and a report replaces its folder whole: "
+                            "choose a new or empty folder")
     return out_dir
 
 
@@ -356,12 +366,19 @@ def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, at
 
 
 def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Path]:
-    """Render every table in every format, draw the plots into plots/, write index.md; all writes atomic.
-    Returns {path relative to out_dir: path}."""
-    from robust_enc.reports import render
-
+    """Render every table in every format, draw the plots into plots/, write index.md, all into a temporary folder
+    that then takes ``out_dir``'s place: a failure (a full disk, ...) leaves the previous report whole and nothing
+    half-written. Returns {path relative to out_dir: path}."""
     formats = check_formats(formats)
     out_dir = check_out_dir(out_dir)
+    written = replace_folder_atomic(out_dir, lambda tmp: _write_report_files(report, tmp, formats))
+    log.info("report: %d files in %s", len(written), out_dir)
+    return {rel: out_dir / rel for rel in written}
+
+
+def _write_report_files(report: Report, out_dir: Path, formats: Sequence[str]) -> dict[str, Path]:
+    from robust_enc.reports import render
+
     written: dict[str, Path] = {}
     for name, table in report.tables.items():
         for fmt in formats:
@@ -374,7 +391,6 @@ def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = D
     written.update({p.relative_to(out_dir).as_posix(): p for p in figures})
     index = _index_markdown(report, formats, figures, out_dir, notes)
     written["index.md"] = write_text_atomic(out_dir / "index.md", index)
-    log.info("report: %d files in %s", len(written), out_dir)
     return written
 
 

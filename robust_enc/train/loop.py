@@ -38,7 +38,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_enc.checkpoint import (
     CHECKPOINT_NAME,
+    live_rng_state,
     load_state_strict,
+    safe_rng_state,
     save_checkpoint,
 )
 from robust_enc.config import config_to_dict
@@ -270,7 +272,17 @@ class LogProgress(Progress):
 
 # ------------------------------------------------------------------------------------------------ steps
 class NonFiniteLoss(UserError):
-    pass
+    """The run diverged: a NaN/inf loss or weights, or a loss above ``loss_limit`` (see ``exploded_loss``)."""
+
+
+# Cross-entropy at chance is ln(classes) (2.3 for 10); a loss 10^4 times that (regularizer terms included) is no
+# working run's: it has diverged (lr 1e3 on digits reaches 5e13 in its first epoch while staying finite).
+EXPLODED_LOSS_FACTOR = 1e4
+
+
+def exploded_loss(num_classes: int) -> float:
+    """The training loss above which a run is stopped as diverged."""
+    return EXPLODED_LOSS_FACTOR * math.log(max(num_classes, 2))
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -284,13 +296,13 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
 def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: torch.optim.Optimizer, *,
                     device: torch.device, epoch: int, autocast: Callable[[], Any] = contextlib.nullcontext,
                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-                    progress: Progress | None = None) -> dict[str, float]:
+                    progress: Progress | None = None, loss_limit: float = math.inf) -> dict[str, float]:
     """One pass over ``loader`` with ``recipe.train_step``; sums are reduced over ranks.
 
     Returns train_loss (mean per example), train_top1_running (fraction of the step's hard labels its train-mode
     logits got right, on the transformed/mixed inputs: not a clean accuracy), samples_seen (all ranks), images_per_s.
-    A NaN or infinite loss on any rank raises NonFiniteLoss on every rank (checked each step, so no rank waits
-    forever)."""
+    A NaN or infinite loss, or one above ``loss_limit``, on any rank raises NonFiniteLoss on every rank (checked each
+    step, so no rank waits forever)."""
     progress = progress or Progress()
     world = D.get_world_size()
     model.train()
@@ -303,10 +315,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: 
             continue
         x, y = _to_device(x, y, device, channels_last)
         result = recipe.train_step(model, x, y, optimizer, autocast=autocast, scaler=scaler)
-        bad = not math.isfinite(result.loss)
+        bad = not math.isfinite(result.loss) or result.loss > loss_limit
         if D.any_rank(bad) if world > 1 else bad:
-            raise NonFiniteLoss(f"the training loss became {result.loss} at epoch {epoch + 1}, step {step + 1} "
-                                f"(lr {optimizer.param_groups[0]['lr']:.4g})")
+            exploded = f", above the divergence limit {loss_limit:.3g}" if math.isfinite(result.loss) else ""
+            raise NonFiniteLoss(f"the training loss became {result.loss:.4g}{exploded} at epoch {epoch + 1}, step "
+                                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.4g})")
         loss_sum += result.loss * result.n
         correct += result.correct
         seen += result.n
@@ -371,11 +384,12 @@ def all_finite(model: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------------ RNG state
 def capture_rng(device: torch.device) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return safe_rng_state({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    state = live_rng_state(state)
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -511,7 +525,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         try:
             stats = train_one_epoch(train_model, train_loader, recipe, optimizer, device=device, epoch=epoch,
                                     autocast=autocast, scaler=scaler, channels_last=config.channels_last,
-                                    progress=progress)
+                                    progress=progress, loss_limit=exploded_loss(train_info.num_classes))
             # The last step's loss is taken before its update: that update can still leave inf/NaN weights.
             if D.any_rank(not all_finite(net)):
                 raise NonFiniteLoss(f"the weights became inf/NaN in the last step of epoch {epoch + 1} (lr {lr:.4g})")

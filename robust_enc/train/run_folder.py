@@ -100,18 +100,22 @@ def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _nan_to_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    """For JSON: NaN (not measured) becomes null, inf (overflowed, e.g. a GBR) the string "inf", never null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """metrics.csv: METRIC_COLUMNS, then the norm:<layer> columns in module order; NaN as an empty cell."""
+    """metrics.csv: METRIC_COLUMNS, then the norm:<layer> columns in module order; NaN as an empty cell, inf as
+    ``inf``."""
     columns = list(METRIC_COLUMNS) + [k for k in rows[0] if k.startswith("norm:")]
 
     def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if _nan_to_none(row[k]) is None else row[k]) for k in columns})
+            writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in columns})
 
     return write_atomic(path, write)
 
