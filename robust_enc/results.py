@@ -137,8 +137,8 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 def _parse_cell(name: str, value: Any) -> Any:
     """One cell (CSV text or a JSON value) as its field's type; ValueError says what is wrong with it."""
     kind = _FIELD_TYPES[name]
-    if value is None and kind != "float":
-        raise ValueError("missing (a row shorter than the header: the file may be truncated)")
+    if value is None and kind != "float":  # JSON null (CSV rows lacking cells are refused before)
+        raise ValueError("missing")
     if kind == "int":
         if isinstance(value, bool) or not (isinstance(value, int) or _INTEGER.match(str(value).strip())):
             raise ValueError(f"{value!r} is not an integer")
@@ -272,7 +272,15 @@ def _read_results(path: Path) -> list[ResultRow]:
         if reader.fieldnames not in (FIELD_NAMES, v1):
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
-        return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(reader, 1)]
+        rows = []
+        for i, data in enumerate(reader, 1):
+            if None in data.values():  # csv.DictReader's value for cells the row lacks
+                missing = next(name for name, value in data.items() if value is None)
+                raise UserError(f"{path}: row {i}, column {missing!r}: missing (the row has fewer cells than the "
+                                "header: the file may be truncated); the file is refused: fix that row or re-create "
+                                "the file")
+            rows.append(row_from_dict(data, source=str(path), row=i))
+        return rows
 
 
 def check_results_target(path: str | Path) -> Path:
