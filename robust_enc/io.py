@@ -2,8 +2,9 @@
 
 A write goes to ``.NAME.<pid>.<random>.tmp`` beside its target and is renamed into place. A writer killed in between
 (kill -9, power loss) leaves that file behind; the first write of a later process into the folder removes the temp
-files whose writer is gone (its pid no longer runs on this machine) or that are older than a day (pids get reused;
-temp files from other machines on a shared file system are judged by age only)."""
+files whose writer is gone (its pid no longer runs on this machine) or that are older than a day (pids get reused).
+The pid is judged on this machine: on a file system shared by several machines, don't write into one folder from
+two of them at once (the file lock of ``locked`` is per machine too on many network file systems)."""
 
 from __future__ import annotations
 
