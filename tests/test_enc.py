@@ -2,6 +2,8 @@
 
 import copy
 import dataclasses
+import functools
+import math
 
 import pytest
 import torch
@@ -228,3 +230,144 @@ def test_el2_loss_covers_enc_layers_only():
     expected = sum(float(enc.el2_penalty(enc.raw_weight(m).detach(), 1e-3)) for _, m, _ in enc.enc_layers(model))
     assert float(enc.el2_loss(model, lam=2.0, eps=1e-3).detach()) == pytest.approx(expected, rel=1e-5)
     assert float(enc.el2_loss(_network("resnet_tiny"), lam=2.0)) == 0.0
+
+
+# ---------------------------------------------------------------- the fused step: same numbers, fewer passes
+def _parametrizations() -> list[nn.Module]:
+    return [enc.ENCWeight(v, a) for v in enc.VARIANTS for a in (0.7, None)] + [enc.WSWeight(1e-5)]
+
+
+def _normalize(p: nn.Module, flat: torch.Tensor, fn=enc.normalize_rows):
+    """Call ``fn`` (fused or plain) the way ``p.forward`` does."""
+    if isinstance(p, enc.WSWeight):
+        return fn(flat, p._scale, "row")
+    centre = ("row" if p.per_row else "all") if p.centred else "none"
+    params = (p.log_alpha,) if p.log_alpha is not None else ()
+    return fn(flat, functools.partial(p._scale, p.centred), centre, *params)
+
+
+@pytest.mark.parametrize("p", _parametrizations(), ids=lambda p: type(p).__name__ + "-" + p.extra_repr())
+def test_fused_normalization_backward_is_autograds(p):
+    """The hand-written backward against finite differences (gradcheck) and against autograd through the plain ops,
+    with gradients arriving through W_hat and through both row statistics (as ENC's L2 term sends them)."""
+    torch.manual_seed(3)
+    p = copy.deepcopy(p).double()
+    if getattr(p, "log_alpha", None) is not None:
+        with torch.no_grad():
+            p.log_alpha.fill_(0.3)
+    small = (torch.randn(4, 5, dtype=torch.float64) * 0.5 + 0.2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: _normalize(p, w), (small,))
+    flat = (torch.randn(6, 27, dtype=torch.float64) * 0.3 + 0.1).requires_grad_()
+    upstream = [torch.randn(6, 27, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64),
+                torch.randn(6, 1, dtype=torch.float64)]
+    inputs = [flat, *p.parameters()]
+    grads = {}
+    for name, fn in (("fused", enc.normalize_rows), ("plain", enc.normalize_rows_plain)):
+        outputs = _normalize(p, flat, fn)
+        grads[name] = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outputs, upstream)), inputs)
+        if name == "fused":
+            fused_out = [o.detach() for o in outputs]
+    for got, want in zip(grads["fused"], grads["plain"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for got, want in zip(fused_out, _normalize(p, flat, enc.normalize_rows_plain)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_float32_keeps_alpha_on_the_largest_layer_of_the_zoo():
+    """No float64 in the whole-tensor norms (eq. 20/23): row norms summed over the rows keep ||W_hat||_F^2 = alpha
+    within 1e-6 relative on the zoo's largest weight, where one float32 run over all entries does not."""
+    shapes = []
+    for arch in ARCHS:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            net = build_network(_spec(arch))
+        shapes += [tuple(m.weight.shape) for m in net.modules() if isinstance(m, enc.LAYER_TYPES)]
+    shape = max(shapes, key=math.prod)
+    assert math.prod(shape) > 4_000_000  # wide_resnet50_2's 1024x1024x3x3 convolutions
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * 0.02 + 0.001  # a trained layer's scale, with a mean for the centred variants
+    for variant in enc.VARIANTS:
+        with torch.no_grad():
+            w_hat = enc.ENCWeight(variant, 0.7)(weight)
+        assert w_hat.dtype == torch.float32
+        sq_norm = float(w_hat.double().square().sum())
+        assert abs(sq_norm - 0.7) / 0.7 < 1e-6, variant
+
+
+class _StraightforwardENC(nn.Module):
+    """Paper eq. 20-23 by their closed forms, autograd through plain ops: the step the fused one must reproduce."""
+
+    def __init__(self, variant: str, alpha: float | None) -> None:
+        super().__init__()
+        self.variant, self.alpha = variant, alpha
+        self.log_alpha = nn.Parameter(torch.zeros(())) if alpha is None else None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        alpha = self.log_alpha.exp() if self.log_alpha is not None else self.alpha
+        return _closed_form(weight, self.variant, alpha)
+
+
+def _el2_by_rows(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """sum over rows of (n - 1) (sigma - eps)^2 + n mu^2, unbiased sigma (arXiv 1911.05920), differentiable."""
+    rows = w.reshape(w.shape[0], -1)
+    n = rows.shape[1]
+    return ((n - 1) * (rows.std(dim=1) - eps).square() + n * rows.mean(dim=1).square()).sum()
+
+
+@pytest.mark.parametrize("variant,alpha", [("eq22", 1.0), ("eq20", 0.5), ("eq21", 1.0), ("eq23", 2.0),
+                                           ("eq22", None)])
+def test_optimized_step_gives_the_straightforward_weights_after_20_steps(variant, alpha):
+    """Recipe.train_step (fused normalization, L2 term from the forward pass's row statistics) against a hand-written
+    step (closed-form ENC, autograd, the L2 term on the raw rows): every tensor within 1e-6 relative after 20 SGD
+    momentum steps on real digits batches. Float32, as training runs; learnable alpha in float64: the gradient of a
+    log_alpha before BN is ~0 (BN undoes the scale), a cancelling float32 sum off by ~1% in either implementation."""
+    from robust_enc.data import build_dataset
+
+    dtype = torch.float64 if alpha is None else torch.float32
+    data, info = build_dataset("digits", "train")
+    x_all = torch.stack([data[i][0] for i in range(640)]).to(dtype)
+    y_all = torch.tensor([data[i][1] for i in range(640)])
+    spec = f"enc:variant={variant},alpha={'learnable' if alpha is None else alpha}"
+    wd, lr, batch = 5e-4, 0.05, 32
+    torch.manual_seed(0)
+    net = build_network(ModelSpec("resnet_tiny", 10, info.input_shape, info.mean, info.std)).to(dtype)
+    optimized = prepare_model(copy.deepcopy(net), spec)
+    straightforward = enc.apply_enc(copy.deepcopy(net), variant=variant, alpha=alpha)
+    for _, module, _ in enc.enc_layers(straightforward):
+        module.parametrizations.weight[0] = _StraightforwardENC(variant, alpha)
+    assert not list(enc.enc_layers(straightforward))  # nothing of the fused path is left in the reference
+    recipe = build_recipe(spec, num_classes=10, batch_size=batch, weight_decay=wd)
+    opt_fast = torch.optim.SGD(recipe.param_groups(optimized), lr=lr, momentum=0.9)
+    # ENC's raw weights get the L2 term instead of weight decay; biases and BN get none: no decay anywhere.
+    opt_plain = torch.optim.SGD(straightforward.parameters(), lr=lr, momentum=0.9)
+    raw = [m.parametrizations.weight.original for m in straightforward.modules()
+           if parametrize.is_parametrized(m, "weight")]
+    for step in range(20):
+        x, y = x_all[step * batch:(step + 1) * batch], y_all[step * batch:(step + 1) * batch]
+        fast = recipe.train_step(optimized, x, y, opt_fast)
+        opt_plain.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(straightforward(x), y) + 0.5 * wd * sum(_el2_by_rows(w, 1e-3) for w in raw)
+        loss.backward()
+        opt_plain.step()
+        assert fast.loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    plain_state = straightforward.state_dict()
+    for key, value in optimized.state_dict().items():
+        value, want = value.double(), plain_state[key].double()
+        if key.endswith("log_alpha"):  # compare alpha itself: log_alpha stays near 0, where relative means nothing
+            value, want = value.exp(), want.exp()
+        error = float((value - want).norm() / want.norm().clamp_min(1e-30))
+        assert error <= 1e-6, f"{key}: relative difference {error:.2e}"
+    assert float((raw[0] - net.net.conv1.weight).norm()) > 1e-3  # the weights did move
+
+
+def test_step_weights_share_the_row_statistics_and_drop_them():
+    """Inside a training step the L2 term reads the forward pass's row statistics (the same value as from the raw
+    weights); after it no layer holds graph tensors (the model deep-copies)."""
+    model = prepare_model(_network("resnet_tiny"), "enc")
+    x = torch.rand(8, 1, 8, 8)
+    expected = float(enc.el2_loss(model, lam=2.0))  # outside a step: computed from the raw weights
+    with enc.step_weights(model):
+        model(x)
+        assert all(p.row_stats is not None for _, _, p in enc.enc_layers(model))
+        assert float(enc.el2_loss(model, lam=2.0)) == pytest.approx(expected, rel=1e-6)
+    assert all(p.row_stats is None and not p.recording for _, _, p in enc.enc_layers(model))
+    copy.deepcopy(model)

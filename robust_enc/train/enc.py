@@ -14,6 +14,8 @@ of length in_channels / groups * kh * kw, so grouped and depthwise convolutions 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -32,11 +34,102 @@ LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers whose w
 NORM_EPS = 1e-12  # guards the divisions by a norm; far below any trained weight's norm, so the invariant stays exact
 
 
+# ---------------------------------------------------------------- one fused row normalization for ENC and WS
+# ENC (eq. 20-23) and WS all map W (rows x n) to W_hat = k * (W - m): a scale k per row (or one for the whole tensor)
+# and a shift m (the row means, the tensor's mean or nothing), both functions of the row means and the centred row
+# norms. Autograd through the plain ops makes ~30 passes over the weights per step (mean, sub, norm, mul, their
+# backward, and the same again for the epsilon-shifted L2 on the raw rows): on a CPU ResNet-50 that is most of ENC's
+# overhead. _RowNormalize makes 3 passes forward and 4 backward, returns the row statistics for the L2 term (which
+# then costs nothing on the weights) and differentiates the small (rows,) part, where variants differ, by autograd.
+def _row_statistics(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, centred rows, centred row norms) of a (rows, n) tensor; mean and norms are (rows, 1)."""
+    mean = flat.mean(dim=1, keepdim=True)
+    centred = flat - mean
+    return mean, centred, torch.linalg.vector_norm(centred, dim=1, keepdim=True)
+
+
+def _shift(mean: torch.Tensor, centre: str) -> torch.Tensor | None:
+    """m of W_hat = k * (W - m): the row means ("row"), the tensor's mean ("all", a (1, 1) tensor) or none."""
+    if centre == "row":
+        return mean
+    if centre == "all":
+        return mean.mean().reshape(1, 1)
+    return None
+
+
+class _RowNormalize(torch.autograd.Function):
+    """flat (rows, n) -> (W_hat, row means, centred row norms) with W_hat = k * (flat - m), k = scale(mean, norm, n,
+    *params) of shape (rows, 1) or (1, 1). Gradients reach flat through W_hat and through both statistics."""
+
+    @staticmethod
+    def forward(ctx, flat, scale, centre, *params):
+        with torch.autocast(flat.device.type, enabled=False):  # the weights stay in their dtype, as plain ops keep them
+            mean, centred, norm = _row_statistics(flat)
+            k = scale(mean, norm, flat.shape[1], *params)
+            shift = _shift(mean, centre)
+            if shift is None:
+                w_hat = flat * k
+            elif centre == "row":
+                w_hat = centred.mul_(k)  # the centred rows are not needed again: reuse their memory
+            else:
+                w_hat = centred.add_(mean - shift).mul_(k)
+        ctx.scale, ctx.centre = scale, centre
+        ctx.save_for_backward(w_hat, mean, norm, *params)
+        return w_hat, mean, norm
+
+    @staticmethod
+    def backward(ctx, grad_w_hat, grad_mean, grad_norm):
+        w_hat, mean, norm, *params = ctx.saved_tensors
+        n = w_hat.shape[1]
+        with torch.enable_grad():  # the (rows,) part by autograd: every variant's scale is differentiated alike
+            mean_, norm_ = mean.detach().requires_grad_(), norm.detach().requires_grad_()
+            params_ = [p.detach().requires_grad_() for p in params]
+            k = ctx.scale(mean_, norm_, n, *params_)
+            shift = _shift(mean_, ctx.centre)
+            k_value = k.detach()
+            # dL/dk_i = sum_j g_ij (W_ij - m_i) = <g_i, W_hat_i> / k_i;  dL/dm_i = -k_i sum_j g_ij
+            dot = torch.linalg.vecdot(grad_w_hat, w_hat, dim=1).unsqueeze(1)
+            surrogate = (k * (dot / k_value)).sum() + (mean_ * grad_mean).sum() + (norm_ * grad_norm).sum()
+            if shift is not None:
+                surrogate = surrogate - (shift * (k_value * grad_w_hat.sum(dim=1, keepdim=True))).sum()
+            inputs = [mean_, norm_, *params_]
+            grads = torch.autograd.grad(surrogate, inputs, allow_unused=True)
+        d_mean, d_norm, *d_params = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+        # d mean_i / dW_ij = 1/n,  d norm_i / dW_ij = (W_ij - mean_i) / norm_i  (0 for a constant row), and
+        # W - mean = W_hat / k + (m - mean): so dW = k g + a W_hat + b, two fused passes.
+        inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+        a = d_norm * inv_norm / k_value
+        b = d_mean / n + (d_norm * inv_norm * ((0 if shift is None else shift.detach()) - mean))
+        grad_flat = torch.addcmul(b, grad_w_hat, k_value).addcmul_(w_hat, a)
+        return (grad_flat, None, None, *d_params)
+
+
+def normalize_rows_plain(flat: torch.Tensor, scale, centre: str, *params: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``normalize_rows`` by plain differentiable ops: what torch.compile traces (its compiler fuses them)."""
+    mean, centred, norm = _row_statistics(flat)
+    shift = _shift(mean, centre)
+    k = scale(mean, norm, flat.shape[1], *params)
+    w_hat = flat * k if shift is None else (centred if centre == "row" else flat - shift) * k
+    return w_hat, mean, norm
+
+
+def normalize_rows(flat: torch.Tensor, scale, centre: str, *params: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_hat, row means, centred row norms) of a (rows, n) weight: W_hat = k * (flat - m), where k = ``scale(mean,
+    norm, n, *params)`` ((rows, 1) or (1, 1)) and m is given by ``centre``: "row" (row means), "all" (the tensor's
+    mean) or "none". Eager: the fused autograd function; under torch.compile the plain ops."""
+    if torch.compiler.is_compiling():
+        return normalize_rows_plain(flat, scale, centre, *params)
+    return _RowNormalize.apply(flat, scale, centre, *params)
+
+
 class ENCWeight(nn.Module):
     """W (m_i rows) -> W_hat with ||W_hat||_F^2 = alpha (paper eq. 20-23).
 
     ``alpha=None`` makes alpha learnable: a parameter ``log_alpha`` (starts at log 1 = 0), so alpha = exp(log_alpha)
-    stays positive whatever the optimizer does.
+    stays positive whatever the optimizer does. Inside ``step_weights`` the layer keeps the raw rows' statistics of
+    the pass in ``row_stats`` for the epsilon-shifted L2 (``el2_loss``), so that term costs no pass over the weights.
     """
 
     def __init__(self, variant: str = "eq22", alpha: float | None = 1.0) -> None:
@@ -50,30 +143,39 @@ class ENCWeight(nn.Module):
         self.centred = variant in ("eq22", "eq23")  # eq. 22/23 subtract the mean first (weight standardization)
         self.alpha = alpha
         self.log_alpha = nn.Parameter(torch.zeros(())) if alpha is None else None
+        self.recording = False  # set by step_weights: keep row_stats of the pass
+        self.row_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (row means, centred row norms)
 
     def current_alpha(self) -> torch.Tensor | float:
         return self.log_alpha.exp() if self.log_alpha is not None else self.alpha
+
+    def _scale(self, centred: bool, mean: torch.Tensor, norm: torch.Tensor, n: int,
+               *log_alpha: torch.Tensor) -> torch.Tensor:
+        """k of W_hat = k (W - m) from the row means and centred row norms: sqrt(alpha share) / ||W - m||."""
+        if self.per_row:
+            share = 1.0 / len(mean)  # each of the m_i rows gets squared norm alpha / m_i
+            # eq. 21: ||W_i||^2 = ||W_i - mean_i||^2 + n mean_i^2, a sum of positives (no cancellation)
+            target = norm if centred else (norm.square() + n * mean.square()).sqrt()
+        else:
+            share = 1.0
+            offset = mean - mean.mean() if centred else mean
+            # ||W - m||^2 over the tensor summed row by row: a two-level float32 sum, accurate to ~1e-7 relative even
+            # for 9.4M entries (float32 in one long run was off by ~1e-4); the (1, 1) result scales every row.
+            target = (norm.square() + n * offset.square()).sum().sqrt().reshape(1, 1)
+        scale = (0.5 * log_alpha[0]).exp() * math.sqrt(share) if log_alpha else math.sqrt(self.alpha * share)
+        return scale / target.clamp_min(NORM_EPS)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = weight.shape[0]
         flat = weight.reshape(rows, -1)
         # A centred row of length 1 (or a centred one-element tensor) is identically zero: normalize uncentred there.
         centred = self.centred and (flat.shape[1] > 1 if self.per_row else flat.numel() > 1)
-        if self.per_row:
-            c = flat - flat.mean(dim=1, keepdim=True) if centred else flat
-            norm = c.norm(dim=1, keepdim=True)
-            share = 1.0 / rows  # each of the m_i rows gets squared norm alpha / m_i
-        else:
-            c = flat - flat.mean() if centred else flat
-            # Accumulate in float64: torch's float32 CPU norm over a 2048x2048 conv (4M entries) is off by ~1e-4
-            # relative (measured), enough to break ||W_hat||_F^2 = alpha. The per-row norms above are short.
-            norm = torch.linalg.vector_norm(c, dtype=torch.float64).to(c.dtype)
-            share = 1.0
-        if self.log_alpha is not None:
-            scale = (0.5 * self.log_alpha).exp() * math.sqrt(share)
-        else:
-            scale = math.sqrt(self.alpha * share)
-        return (c * (scale / norm.clamp_min(NORM_EPS))).reshape(weight.shape)
+        centre = ("row" if self.per_row else "all") if centred else "none"
+        params = (self.log_alpha,) if self.log_alpha is not None else ()
+        w_hat, mean, norm = normalize_rows(flat, functools.partial(self._scale, centred), centre, *params)
+        if self.recording and not torch.compiler.is_compiling():  # a compiled graph keeps no side outputs
+            self.row_stats = (mean, norm)
+        return w_hat.reshape(weight.shape)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant}, alpha={'learnable' if self.alpha is None else self.alpha}"
@@ -86,10 +188,12 @@ class WSWeight(nn.Module):
         super().__init__()
         self.eps = eps  # inside the square root, as Qiao et al.'s code; the squared row norm is then ~ row length
 
+    def _scale(self, mean: torch.Tensor, norm: torch.Tensor, n: int) -> torch.Tensor:
+        return (norm.square() / n + self.eps).rsqrt()  # biased variance = ||W_j - mu_j||^2 / n
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         flat = weight.reshape(weight.shape[0], -1)
-        var, mean = torch.var_mean(flat, dim=1, keepdim=True, correction=0)
-        return ((flat - mean) / (var + self.eps).sqrt()).reshape(weight.shape)
+        return normalize_rows(flat, self._scale, "row")[0].reshape(weight.shape)
 
 
 def target_layers(model: nn.Module, *, classifier: bool = True) -> list[tuple[str, nn.Module]]:
@@ -170,6 +274,17 @@ def bake_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- epsilon-shifted L2 (arXiv 1911.05920)
+def el2_from_row_stats(mean: torch.Tensor, norm: torch.Tensor, n: int, eps: float = 1e-3) -> torch.Tensor:
+    """el2_penalty from the rows' means and centred norms (n entries per row): with sigma_i = norm_i / sqrt(n - 1),
+    (n - 1) (sigma_i - eps)^2 = (norm_i - eps sqrt(n - 1))^2. A scalar, at least float32."""
+    if mean.dtype in (torch.float16, torch.bfloat16):
+        mean, norm = mean.float(), norm.float()
+    penalty = n * mean.square().sum()
+    if n > 1:  # a row of one entry has no spread term ((n - 1) = 0) and no defined unbiased std
+        penalty = penalty + (norm - eps * math.sqrt(n - 1)).square().sum()
+    return penalty
+
+
 def el2_penalty(weight: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """sum_i [(n-1) (sigma_i - eps)^2 + n mu_i^2] over the rows i of ``weight`` (conv filters / linear rows; n entries
     per row, mean mu_i, unbiased std sigma_i). Multiply by lambda/2: its gradient is then the authors'
@@ -177,23 +292,35 @@ def el2_penalty(weight: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     flat = weight.reshape(weight.shape[0], -1)
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
-    n = flat.shape[1]
-    mean = flat.mean(dim=1)
-    penalty = n * mean.square().sum()
-    if n > 1:  # a row of one entry has no spread term ((n - 1) = 0) and no defined unbiased std
-        sq = (flat - mean[:, None]).square().sum(dim=1)
-        # clamp: the sqrt's gradient is infinite at 0 (a constant row); below 1e-30 the row is treated as constant
-        sigma = (sq / (n - 1)).clamp_min(1e-30).sqrt()
-        penalty = penalty + (n - 1) * (sigma - eps).square().sum()
-    return penalty
+    mean, _, norm = _row_statistics(flat)  # torch's norm backward gives a constant row (norm 0) a zero gradient
+    return el2_from_row_stats(mean, norm, flat.shape[1], eps)
 
 
 def el2_loss(model: nn.Module, *, lam: float, eps: float = 1e-3) -> torch.Tensor:
-    """(lam / 2) * el2_penalty over the raw weights of every ENC layer of ``model`` (0 when there is none)."""
+    """(lam / 2) * el2_penalty over the raw weights of every ENC layer of ``model`` (0 when there is none). Inside
+    ``step_weights`` it reuses the row statistics the forward pass computed; elsewhere it computes them."""
     total = None
-    for _, module, _ in enc_layers(model):
-        term = el2_penalty(raw_weight(module), eps)
+    for _, module, p in enc_layers(model):
+        if p.row_stats is not None:
+            term = el2_from_row_stats(*p.row_stats, raw_weight(module)[0].numel(), eps)
+        else:
+            term = el2_penalty(raw_weight(module), eps)
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
     return 0.5 * lam * total
+
+
+@contextlib.contextmanager
+def step_weights(model: nn.Module) -> Iterator[None]:
+    """One training step's weights: ``parametrize.cached()`` (each ENC/WN/WS weight normalized once, shared by every
+    use in the pass) and ENC layers keeping their raw rows' statistics for ``el2_loss``; dropped again on exit."""
+    layers = [p for _, _, p in enc_layers(model)]
+    for p in layers:
+        p.recording, p.row_stats = True, None
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        for p in layers:
+            p.recording, p.row_stats = False, None

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from robust_enc.errors import UserError
 from robust_enc.registry import Registry
@@ -41,6 +40,7 @@ from robust_enc.train.enc import (
     el2_loss,
     enc_layers,
     raw_weight,
+    step_weights,
 )
 
 __all__ = [
@@ -677,7 +677,7 @@ class Recipe:
     def _forward_backward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                           autocast: Callable[[], contextlib.AbstractContextManager],
                           scaler: torch.amp.GradScaler | None) -> tuple[torch.Tensor, torch.Tensor]:
-        with parametrize.cached():  # each reparameterized weight is normalized once per pass
+        with step_weights(model):  # each reparameterized weight normalized once per pass, shared with ENC's L2 term
             with autocast():
                 logits = model(x)
                 loss = self.criterion(logits, target)
