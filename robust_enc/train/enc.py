@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -78,6 +79,7 @@ class _RowNormalize(torch.autograd.Function):
         return w_hat, mean, norm
 
     @staticmethod
+    @once_differentiable  # a double backward (create_graph=True through the weights) raises instead of being wrong
     def backward(ctx, grad_w_hat, grad_mean, grad_norm):
         w_hat, mean, norm, *params = ctx.saved_tensors
         n = w_hat.shape[1]
