@@ -38,10 +38,11 @@ NORM_EPS = 1e-12  # guards the divisions by a norm; far below any trained weight
 # ---------------------------------------------------------------- one fused row normalization for ENC and WS
 # ENC (eq. 20-23) and WS all map W (rows x n) to W_hat = k * (W - m): a scale k per row (or one for the whole tensor)
 # and a shift m (the row means, the tensor's mean or nothing), both functions of the row means and the centred row
-# norms. Autograd through the plain ops makes ~30 passes over the weights per step (mean, sub, norm, mul, their
-# backward, and the same again for the epsilon-shifted L2 on the raw rows): on a CPU ResNet-50 that is most of ENC's
-# overhead. _RowNormalize makes 3 passes forward and 4 backward, returns the row statistics for the L2 term (which
-# then costs nothing on the weights) and differentiates the small (rows,) part, where variants differ, by autograd.
+# norms. Autograd through the plain ops makes some 30 passes over the weights per step (mean, sub, norm, mul, their
+# backward, and the same again for the epsilon-shifted L2 on the raw rows): on a CPU ResNet-50 that was most of ENC's
+# overhead. _RowNormalize makes 4 passes forward (mean, centring, norms, scaling) and 4 backward (two row reductions,
+# two fused multiply-adds), returns the row statistics for the L2 term (which then costs nothing on the weights) and
+# differentiates the small (rows,) part, where the variants differ, by autograd.
 def _row_statistics(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, centred rows, centred row norms) of a (rows, n) tensor; mean and norms are (rows, 1)."""
     mean = flat.mean(dim=1, keepdim=True)
