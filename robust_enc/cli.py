@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args._module == "robust_enc.cli":
             return _list_registry(args._command)
+        _join_process_group(args)
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as err:
         if debug:
@@ -151,6 +152,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robust-enc: interrupted; finished results are kept, rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # never import torch just to find nothing to leave
+            from robust_enc.train.distributed import cleanup
+
+            cleanup()
+
+
+def _join_process_group(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group once for the whole command: every stage (each
+    training and evaluation of ``reproduce``) reuses it, and ``main`` leaves it at the end."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not hasattr(args, "device"):
+        return
+    from robust_enc.train.distributed import init_distributed
+
+    init_distributed(resolve_device(args.device))
 
 
 if __name__ == "__main__":

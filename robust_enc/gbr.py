@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_enc.device import strict_fp32
 from robust_enc.errors import UserError
 from robust_enc.registry import Registry
 
@@ -335,7 +336,7 @@ def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     parts: list[PerExample] = []
     try:
         model.to(device)
-        with measuring(model, train_mode=train_mode):
+        with measuring(model, train_mode=train_mode), strict_fp32():  # TF32 would move GBR (robust_enc.device)
             for j, (x, y) in enumerate(batches):
                 if len(x) == 0:  # a batch whose images were all unreadable
                     continue

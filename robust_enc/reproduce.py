@@ -200,8 +200,8 @@ def _attack_done(attack_config: Any) -> bool:
 
 
 def _is_main_process() -> bool:
-    """Rank 0 under torchrun, and any plain run: the one process that writes and prints the report. train and
-    attack leave the process group when they return, so once it is gone the rank torchrun set decides."""
+    """Rank 0 under torchrun, and any plain run: the one process that writes and prints the report. Before the
+    process group is joined (it is joined once and kept), the rank torchrun set decides."""
     from robust_enc.train.distributed import is_distributed, is_main
 
     return is_main() if is_distributed() else int(os.environ.get("RANK", "0")) == 0

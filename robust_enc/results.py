@@ -31,9 +31,11 @@ from robust_enc.io import locked, write_atomic
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "robust-enc/results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added in v2 (the scale-free GBR companions): a v1 file reads with them as NaN (not measured).
 ADDED_IN_V2 = ("logit_spread", "gbr_scale_free", "gbr_loss")
+# Added in v3 (the arithmetic of attacks and GBR): older files read with it empty (not recorded).
+ADDED_IN_V3 = ("precision",)
 NAN = float("nan")
 
 
@@ -91,6 +93,7 @@ class ResultRow:
     robust_enc_version: str = ""
     torch_version: str = ""
     art_version: str = ""
+    precision: str = ""  # the arithmetic of the attacks and GBR, e.g. "fp32 (TF32 off, cudnn.benchmark off)"
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -187,8 +190,9 @@ def row_from_dict(data: dict[str, Any], *, source: str = "results", row: int | N
     if None in data:  # csv.DictReader's key for cells beyond the header
         raise UserError(f"{where} has {len(data[None])} more cells than the header; the file is refused: fix that "
                         "row or re-create the file")
-    if all(n not in data for n in ADDED_IN_V2):  # a v1 row: the companions were not measured
-        data = {**data, **dict.fromkeys(ADDED_IN_V2, "")}
+    for added in (ADDED_IN_V2, ADDED_IN_V3):  # a row of an older version: what it lacks was not measured
+        if all(n not in data for n in added):
+            data = {**data, **dict.fromkeys(added, "")}
     missing = [n for n in FIELD_NAMES if n not in data]
     extra = [n for n in data if n not in _FIELD_TYPES]
     if missing or extra:
@@ -259,7 +263,7 @@ def _read_results(path: Path) -> list[ResultRow]:
             raise UserError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_NAME:
             raise UserError(f"{path}: not a robust-enc results file (no '\"schema\": \"{SCHEMA_NAME}\"')")
-        if payload.get("version") not in (1, SCHEMA_VERSION):
+        if payload.get("version") not in (1, 2, SCHEMA_VERSION):
             raise UserError(f"{path}: results schema v{payload.get('version')}, this robust-enc reads "
                             f"v{SCHEMA_VERSION}; re-create the file")
         rows = payload.get("rows", [])
@@ -268,8 +272,9 @@ def _read_results(path: Path) -> list[ResultRow]:
         return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(rows, 1)]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        v1 = [n for n in FIELD_NAMES if n not in ADDED_IN_V2]
-        if reader.fieldnames not in (FIELD_NAMES, v1):
+        v2 = [n for n in FIELD_NAMES if n not in ADDED_IN_V3]
+        v1 = [n for n in v2 if n not in ADDED_IN_V2]
+        if reader.fieldnames not in (FIELD_NAMES, v2, v1):
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
         rows = []

@@ -50,6 +50,7 @@ from robust_enc.attacks.state import (
     tally_key,
 )
 from robust_enc.data import DatasetInfo, build_dataset, build_loader, eval_split, unreadable_count
+from robust_enc.device import MEASUREMENT_PRECISION
 from robust_enc.errors import UserError
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions
 
@@ -337,7 +338,7 @@ def _rows(run: _Run, provenance: Provenance, gbr: dict[str, Any]) -> list[Result
     common = dict(run_id=provenance.run_id, model=provenance.model, regularizer=provenance.regularizer,
                   dataset=info.name, split=info.split, subset=info.subset, seed=config.seed,
                   train_top1=provenance.train_top1, weight_sq_norm=provenance.weight_sq_norm,
-                  checkpoint_hash=provenance.checkpoint_hash, **versions)
+                  checkpoint_hash=provenance.checkpoint_hash, precision=MEASUREMENT_PRECISION, **versions)
     common.update(gbr)
 
     def row(attack: str, norm: str, eps: float, t: dict[str, float], **extra: Any) -> ResultRow:
@@ -572,13 +573,15 @@ def benchmark(model: nn.Module, dataset: str | Dataset = "digits", *, attacks: S
               batch_size: int = 128, device: str = "auto", steps: int | None = None,
               step_size: float | None = None, random_start: bool = True, restarts: int = 1, seed: int = 0,
               gbr: bool = False, run_id: str = "model", model_name: str = "", out: str | Path | None = None,
-              on_batch: OnBatch | None = None) -> list[ResultRow]:
+              on_batch: OnBatch | None = None, checkpoint_hash: str = "") -> list[ResultRow]:
     """RobustBench-style one call: clean, each attack at each eps and their worst case for an ``nn.Module`` taking
     images in [0, 1] (normalization inside) and returning logits.
 
     ``dataset``: a registry name (its natural evaluation split unless ``split``) or a Dataset of (x [C, H, W] in
     [0, 1], label) with its ``info``. The model is moved to ``device`` (and stays there); its train/eval mode,
-    requires_grad flags and ``.grad`` are restored. Rows are returned, and appended to ``out`` when given."""
+    requires_grad flags and ``.grad`` are restored. Rows are returned, and appended to ``out`` when given.
+    ``checkpoint_hash``: the rows' model hash; "" = hash the state dict now (a ResNet-50's 100 MB, copied off the GPU:
+    pass it when calling repeatedly, e.g. in a timing loop)."""
     if isinstance(dataset, str):
         if split:
             data, info = build_dataset(dataset, split, data_dir=data_dir, subset=subset)
@@ -595,6 +598,6 @@ def benchmark(model: nn.Module, dataset: str | Dataset = "digits", *, attacks: S
                           device=device, attacks=tuple(attacks), eps=parse_eps(eps), norm=norm, steps=steps,
                           step_size=step_size, random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
     provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
-                            checkpoint_hash=state_hash(model.state_dict()),
+                            checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),
                             weight_sq_norm=sum(weight_norms(model).values()))
     return run_evaluation(model, data, info, config, provenance, out=Path(out) if out else None, on_batch=on_batch)

@@ -1,5 +1,5 @@
 """The state of an evaluation that makes it resumable and shardable: per-(attack, eps) tallies, per-batch seeds,
-the batch-level shard sampler, the ``torchrun`` process group and its reduction, and the progress file."""
+the batch-level shard sampler, the ``torchrun`` rank and device and its reduction, and the progress file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,29 +84,18 @@ class ShardSampler(Sampler[int]):
 
 @contextlib.contextmanager
 def distributed(device_name: str) -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group (gloo on CPU, nccl on GPU) and
-    puts each rank on its own GPU."""
-    import torch.distributed as dist
+    """(rank, world, device) for one evaluation, with ``device`` the current CUDA device throughout (ART's APGD builds
+    its classifier on the current device) and attacks and GBR in strict fp32 (``robust_enc.device``).
 
+    Under torchrun (WORLD_SIZE > 1) the process group is the one the CLI joined (or joined here, by the same path as
+    training: timeout, ``device_id``), and it stays joined for the next stage: each rank on its own GPU."""
     from robust_enc.cli import resolve_device
+    from robust_enc.device import current_device, strict_fp32
+    from robust_enc.train.distributed import init_distributed
 
-    device = resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        yield 0, 1, device
-        return
-    created = False
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-    finally:
-        if created:
-            dist.destroy_process_group()
+    ctx, device = init_distributed(resolve_device(device_name))
+    with current_device(device), strict_fp32():
+        yield ctx.rank, ctx.world_size, device
 
 
 def all_reduce(tallies: Tallies, gbr_sums: list[float], world: int,

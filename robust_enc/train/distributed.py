@@ -7,6 +7,7 @@ MASTER_ADDR and MASTER_PORT; ``init_distributed`` reads them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -47,29 +48,41 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device, *, timeout_s: float = 1800.0) -> tuple[DistContext, torch.device]:
+# NCCL's default collective timeout is 10 minutes: a long evaluation shard (Square, APGD at several eps on ImageNet)
+# or an epoch's last rank still loading data would time out the rank that finished first.
+TIMEOUT_S = 1800.0
+_host_group: Any = None  # gloo group for decisions the host takes (empty batch): no GPU sync under nccl
+
+
+def init_distributed(device: torch.device, *, timeout_s: float = TIMEOUT_S) -> tuple[DistContext, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU); return the context and this rank's device.
 
-    ``device`` is the device the user asked for: on GPU each rank takes ``cuda:LOCAL_RANK``. Outside torchrun (or
-    with WORLD_SIZE=1) nothing is initialised and ``device`` comes back unchanged. Calling it again in a process
-    that already joined returns the existing group's context.
+    The one init path of training and evaluation. ``device`` is the device the user asked for: on GPU each rank takes
+    ``cuda:LOCAL_RANK`` (made the current CUDA device). Outside torchrun (WORLD_SIZE unset or 1, no group joined)
+    nothing is initialised and ``device`` comes back unchanged. A process joins once (the CLI does it first): every
+    later call returns the existing group's context, and the group stays until ``cleanup`` (the CLI's exit, or the
+    interpreter's), because a destroyed default group cannot be re-created (peers connect to the dead one).
     """
-    world_size = env_world_size()
-    if world_size <= 1:
+    global _host_group
+    joined = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if joined else env_world_size()
+    if world_size <= 1 and not joined:
         return DistContext(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = dist.get_rank() if joined else int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPUs: start "
                             "torchrun with --nproc_per_node at most the number of GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    if not dist.is_initialized():
+    if not joined:
+        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": device} if backend == "nccl" else {}))
+        _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend == "nccl" \
+            else None
+        atexit.register(cleanup)
         log.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
     return DistContext(rank, world_size, local_rank, dist.get_backend()), device
 
@@ -135,10 +148,32 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def any_rank_host(flag: bool) -> bool:
+    """``any_rank`` for a flag the host knows (a batch came back empty): reduced over gloo on the CPU even under
+    nccl, so the decision costs no GPU synchronisation."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_host_group)
+    return bool(tensor.item())
+
+
+def any_rank_tensor(flags: torch.Tensor) -> bool:
+    """True when the device tensor ``flags`` holds a non-zero value on at least one rank (one collective and one
+    host read: callers batch their checks, e.g. every N training steps)."""
+    total = flags.detach().sum().to(torch.float64).reshape(1)
+    if is_distributed():
+        total = total.to(_collective_device())
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return bool(total.item() > 0)
+
+
 def cleanup() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+    """Leave the process group (safe to call when none was joined, and more than once)."""
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
