@@ -47,9 +47,9 @@ from robust_enc.config import config_to_dict
 from robust_enc.data import DATASETS, balanced_subset, build_dataset, build_loader, collate_readable, eval_split
 from robust_enc.errors import UserError
 from robust_enc.io import write_text_atomic
-from robust_enc.models import MODELS, ModelSpec, build_model, weight_norms
+from robust_enc.models import MODELS, ModelSpec, build_network, weight_norms
 from robust_enc.train import distributed as D
-from robust_enc.train.regularizers import build_recipe, canonical_spec, run_name
+from robust_enc.train.regularizers import build_recipe, canonical_spec, prepare_model, run_name
 from robust_enc.train.run_folder import (
     EXPORT_NAME,
     TORCHSCRIPT_NAME,
@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 NAN = float("nan")
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_EVAL_SIZE = 10_000  # training examples for the clean train top-1 at the end (class-balanced subset)
+# Training steps between reads of the loss (each read waits for the GPU): an inf/NaN loss raises at most this late.
+FINITE_CHECK_EVERY = 20
 TOP5_MIN_CLASSES = 11  # as in results.py: top-5 of 10 or fewer classes says little, so it is NaN there
 # Short data set names for run ids; others are used as given (made filesystem-safe).
 DATASET_SHORT = {"fashion-mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "imagenet": "in1k"}
@@ -201,6 +203,16 @@ def _check_device(config: TrainConfig, device: torch.device, world_size: int) ->
            "sync-BN works on GPUs only (torch's SyncBatchNorm); drop --sync-bn for CPU processes")
 
 
+def build_training_model(spec: ModelSpec, *, sync_bn: bool = False) -> nn.Module:
+    """``build_model(spec)``, with every BatchNorm a SyncBatchNorm when ``sync_bn``. The conversion replaces the BN
+    modules, so it comes before the regularizer's hooks and parametrizations are attached: converted afterwards, the
+    DropBlock hooks on BN layers would silently vanish (ResNet-50 enc+dropblock: 9 hooks before, 0 after)."""
+    net = build_network(spec)
+    if sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return prepare_model(net, spec.regularizer)
+
+
 # ------------------------------------------------------------------------------------------------ lr schedule
 SCHEDULES: dict[str, Callable[[TrainConfig, int], float]] = {
     "step": lambda c, epoch: 0.1 ** (epoch // c.step_epochs),
@@ -296,35 +308,68 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
 def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: torch.optim.Optimizer, *,
                     device: torch.device, epoch: int, autocast: Callable[[], Any] = contextlib.nullcontext,
                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-                    progress: Progress | None = None, loss_limit: float = math.inf) -> dict[str, float]:
+                    progress: Progress | None = None, loss_limit: float = math.inf,
+                    check_every: int = FINITE_CHECK_EVERY) -> dict[str, float]:
     """One pass over ``loader`` with ``recipe.train_step``; sums are reduced over ranks.
 
     Returns train_loss (mean per example), train_top1_running (fraction of the step's hard labels its train-mode
     logits got right, on the transformed/mixed inputs: not a clean accuracy), samples_seen (all ranks), images_per_s.
-    A NaN or infinite loss, or one above ``loss_limit``, on any rank raises NonFiniteLoss on every rank (checked each
-    step, so no rank waits forever)."""
+
+    The loss and hit counts are summed on the device and read every ``check_every`` steps (and at the end): a NaN or
+    infinite loss, or one above ``loss_limit``, on any rank then raises NonFiniteLoss on every rank together, at most
+    ``check_every`` steps late (the checkpoint of the last good epoch is what is kept either way). A batch whose
+    images were all unreadable is skipped by every rank together (decided on the host, without a GPU sync): one rank
+    alone skipping would leave the others waiting in DDP's gradient all-reduce. ``progress`` gets the loss of the
+    last checked step.
+    """
     progress = progress or Progress()
     world = D.get_world_size()
     model.train()
-    loss_sum = correct = seen = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x n, hits
+    seen = 0
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # steps with an inf/NaN loss since the last check
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # this epoch's first such step (0-based)
+    first_bad_loss = torch.zeros((), device=device)  # and its loss
+    skipped = 0
+    last_loss = NAN
     start = time.perf_counter()
+
+    def check() -> None:
+        if not D.any_rank_tensor(nonfinite):
+            return
+        lr = optimizer.param_groups[0]["lr"]
+        bad_step = int(first_bad)
+        if bad_step < 0:
+            raise NonFiniteLoss(f"the training loss became inf/NaN or passed the divergence limit {loss_limit:.3g} on "
+                                f"another process at epoch {epoch + 1} (lr {lr:.4g})")
+        value = float(first_bad_loss)
+        exploded = f", above the divergence limit {loss_limit:.3g}" if math.isfinite(value) else ""
+        raise NonFiniteLoss(f"the training loss became {value:.4g}{exploded} at epoch {epoch + 1}, step "
+                            f"{bad_step + 1} (lr {lr:.4g})")
+
     for step, (x, y) in enumerate(loader):
-        if len(y) == 0:  # every image of the batch was unreadable
-            if world > 1:  # skipping on one rank only would leave the others waiting in all-reduce
-                raise UserError("a whole batch of images was unreadable on one process; remove the broken files")
+        if D.any_rank_host(len(y) == 0) if world > 1 else len(y) == 0:
+            skipped += 1
             continue
         x, y = _to_device(x, y, device, channels_last)
         result = recipe.train_step(model, x, y, optimizer, autocast=autocast, scaler=scaler)
-        bad = not math.isfinite(result.loss) or result.loss > loss_limit
-        if D.any_rank(bad) if world > 1 else bad:
-            exploded = f", above the divergence limit {loss_limit:.3g}" if math.isfinite(result.loss) else ""
-            raise NonFiniteLoss(f"the training loss became {result.loss:.4g}{exploded} at epoch {epoch + 1}, step "
-                                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.4g})")
-        loss_sum += result.loss * result.n
-        correct += result.correct
+        loss = result.loss_on_device
+        bad = ~torch.isfinite(loss) | (loss > loss_limit)
+        nonfinite += bad
+        new_bad = bad & (first_bad < 0)
+        first_bad = torch.where(new_bad, step, first_bad)
+        first_bad_loss = torch.where(new_bad, loss.detach().float(), first_bad_loss)
+        sums += torch.stack([loss.double() * result.n, result.correct_on_device.double()])
         seen += result.n
-        progress.advance(result.n * world, result.loss)
-    loss_sum, correct, seen = D.all_reduce_sum([loss_sum, correct, seen])
+        if step % check_every == 0:  # every rank has the same number of steps (GlobalBatchSampler): checks line up
+            check()
+            last_loss = float(loss)
+        progress.advance(result.n * world, last_loss)
+    check()
+    if skipped:
+        log.warning("epoch %d: %d batch(es) skipped: every image of the batch was unreadable on at least one process",
+                    epoch + 1, skipped)
+    loss_sum, correct, seen = D.all_reduce_sum([*sums.tolist(), seen])
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "train_top1_running": correct / max(seen, 1),
             "samples_seen": int(seen), "images_per_s": seen / seconds if seconds > 0 else NAN}
@@ -419,15 +464,9 @@ def train(config: TrainConfig, *, progress: Progress | None = None) -> Path:
     config = resolve_config(config)
     device = resolve_device(config.device)
     _check_device(config, device, D.env_world_size())
-    joined_here = not torch.distributed.is_initialized()
-    ctx, device = D.init_distributed(device)
-    try:
-        return _train(dataclasses.replace(config, device=str(device)), device, ctx,
-                      progress if ctx.is_main and progress is not None else LogProgress() if ctx.is_main
-                      else Progress())
-    finally:
-        if joined_here:
-            D.cleanup()
+    ctx, device = D.init_distributed(device)  # joined once per process (by the CLI), kept for the next stage
+    return _train(dataclasses.replace(config, device=str(device)), device, ctx,
+                  progress if ctx.is_main and progress is not None else LogProgress() if ctx.is_main else Progress())
 
 
 def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progress: Progress) -> Path:
@@ -453,7 +492,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         return run_dir
 
     seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    net = build_model(spec)
+    net = build_training_model(spec, sync_bn=ctx.distributed and config.sync_bn)
     _check_batch_norm_batch(net, train_info.input_shape, config.batch_size, ctx.world_size)
     if ckpt is not None:
         load_state_strict(net, ckpt.state_dict, str(run_dir / CHECKPOINT_NAME))
@@ -462,8 +501,6 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     net.to(device)
     if config.channels_last:
         net.to(memory_format=torch.channels_last)
-    if ctx.distributed and config.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = torch.optim.SGD(recipe.param_groups(net), lr=config.lr, momentum=config.momentum)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
@@ -500,6 +537,8 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         train_model = torch.compile(train_model)
     loader_generator = torch.Generator()
     # Our own batch sampler (build_loader takes per-item samplers only): same collation and pinning as build_loader.
+    # Workers are re-forked each epoch, not persistent: their augmentation streams are seeded per (seed, epoch,
+    # rank) below, which is what makes a resumed run bit-identical (persistent workers are seeded once).
     train_loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers,
                               collate_fn=collate_readable, pin_memory=device.type == "cuda",
                               generator=loader_generator)

@@ -593,9 +593,20 @@ class SAM(Regularizer):
 # ---------------------------------------------------------------- the recipe: what a training step does
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # the minimized objective of the step: data loss + penalty terms, at the pre-step weights
-    correct: int  # top-1 correct against the hard labels y (before mixing)
+    """Kept on the device: reading ``loss`` or ``correct`` waits for the GPU, so the loop sums the tensors and reads
+    them every few steps."""
+
+    loss_on_device: torch.Tensor  # 0-dim float32: data loss + penalty terms, at the pre-step weights
+    correct_on_device: torch.Tensor  # 0-dim int64: top-1 correct against the hard labels y (before mixing)
     n: int  # batch size
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_on_device)
+
+    @property
+    def correct(self) -> int:
+        return int(self.correct_on_device)
 
 
 def _batchnorm_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -734,8 +745,7 @@ class Recipe:
             scaler.update()
         else:
             optimizer.step()
-        correct = int((logits.argmax(dim=1) == y).sum())
-        return StepResult(loss=float(loss), correct=correct, n=len(y))
+        return StepResult(loss_on_device=loss, correct_on_device=(logits.argmax(dim=1) == y).sum(), n=len(y))
 
 
 def build_recipe(spec: str, *, num_classes: int, batch_size: int, weight_decay: float) -> Recipe:
