@@ -462,7 +462,8 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
 
 def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0,
                  sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader that drops unreadable images and, when shuffling, shuffles reproducibly from ``seed``."""
+    """A DataLoader that drops unreadable images and, when shuffling, shuffles reproducibly from ``seed``. Its
+    workers persist between passes (training reads its validation loader every epoch: no re-fork each time)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
@@ -470,4 +471,4 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, wo
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_readable, generator=generator, drop_last=drop_last,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
