@@ -7,7 +7,8 @@ bookkeeping). Suite and bare runs alternate (and swap which goes first each roun
 machine hits both alike; the overhead is the median over rounds of the per-round ratio suite / bare.
 
 CPU part: ResNet-20 briefly trained on Fashion-MNIST, evaluated on a class-balanced test subset. GPU part (only with
-CUDA): ResNet-50 at 224x224 on synthetic:3x224x224:1000:N, images/s.
+CUDA): ResNet-50 at 224x224 on synthetic:3x224x224:1000:N, images/s. Both sides run in strict fp32 (TF32 and
+cudnn.benchmark off), as the suite's attacks do.
 
     .venv/bin/python -m benchmarks.bench_attacks                 # CPU (and GPU when there is one), writes BENCHMARKS.md
     .venv/bin/python -m benchmarks.bench_attacks --n 300 --rounds 2 --no-write
@@ -27,7 +28,9 @@ from torch import nn
 
 from benchmarks._common import machine, write_section
 from robust_enc.attacks import benchmark
+from robust_enc.checkpoint import state_hash
 from robust_enc.data import DatasetInfo, build_dataset, build_loader
+from robust_enc.device import strict_fp32
 from robust_enc.models import ModelSpec, build_model
 
 EPS = 8 / 255
@@ -166,9 +169,11 @@ def cpu_part(args: argparse.Namespace) -> str:
     loader = build_loader(data, batch_size=args.batch_size)
     generator = torch.Generator().manual_seed(0)
 
+    model_hash = state_hash(model.state_dict())  # once: not part of what is timed
+
     def run_suite(attack: str, steps: int | None, eps=(EPS,)) -> Callable[[], object]:
         return lambda: benchmark(model, data, info=info, attacks=(attack,), eps=eps, steps=steps,
-                                 batch_size=args.batch_size, device="cpu")
+                                 batch_size=args.batch_size, device="cpu", checkpoint_hash=model_hash)
 
     def run_bare(steps: int) -> Callable[[], object]:
         def go() -> object:
@@ -247,7 +252,6 @@ def cpu_part(args: argparse.Namespace) -> str:
 def gpu_part(args: argparse.Namespace) -> str:
     device = torch.device(args.gpu_device)
     sync = device.type == "cuda"
-    torch.backends.cudnn.benchmark = True
     size = args.gpu_size
     data, info = build_dataset(f"synthetic:3x{size}x{size}:1000:{args.gpu_n}", "test")
     net = build_model(ModelSpec(args.gpu_model, 1000, info.input_shape, info.mean, info.std))
@@ -255,15 +259,18 @@ def gpu_part(args: argparse.Namespace) -> str:
     loader = build_loader(data, batch_size=args.gpu_batch_size)
     generator = torch.Generator().manual_seed(0)
 
+    model_hash = state_hash(model_all.state_dict())  # once: not part of what is timed
+
     def run_suite(attack: str, steps: int | None) -> Callable[[], object]:
         return lambda: benchmark(model_all, data, info=info, attacks=(attack,), eps=(EPS,), steps=steps,
-                                 batch_size=args.gpu_batch_size, device=args.gpu_device)
+                                 batch_size=args.gpu_batch_size, device=args.gpu_device, checkpoint_hash=model_hash)
 
     def run_bare(steps: int) -> Callable[[], object]:
         def go() -> object:
             model_all.requires_grad_(False)
             try:
-                return bare_attack(model_all, loader, eps=EPS, steps=steps, device=device, generator=generator)
+                with strict_fp32():  # the suite's arithmetic: a TF32 bare loop would flatter it
+                    return bare_attack(model_all, loader, eps=EPS, steps=steps, device=device, generator=generator)
             finally:
                 model_all.requires_grad_(True)
         return go
