@@ -272,9 +272,10 @@ def _read_results(path: Path) -> list[ResultRow]:
         return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(rows, 1)]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        v2 = [n for n in FIELD_NAMES if n not in ADDED_IN_V3]
-        v1 = [n for n in v2 if n not in ADDED_IN_V2]
-        if reader.fieldnames not in (FIELD_NAMES, v2, v1):
+        # Today's header, or it without the column groups added since v1 (v2's lacks precision, v1's both groups).
+        accepted = [[n for n in FIELD_NAMES if not any(n in group for group in dropped)]
+                    for dropped in ((), (ADDED_IN_V3,), (ADDED_IN_V2,), (ADDED_IN_V2, ADDED_IN_V3))]
+        if reader.fieldnames not in accepted:
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
         rows = []

@@ -277,3 +277,18 @@ def test_init_distributed_outside_torchrun_is_a_no_op(monkeypatch):
     ctx, device = D.init_distributed(torch.device("cpu"))
     assert (ctx.world_size, ctx.backend, device, dist.is_initialized()) == (1, "", torch.device("cpu"), False)
     assert not os.environ.get("WORLD_SIZE")
+
+
+def test_results_without_the_precision_column_still_read(tmp_path):
+    """A v2 results file (before the precision column) reads, with the precision not recorded ("")."""
+    from robust_enc.results import FIELD_NAMES, ResultRow, read_results, write_results
+
+    row = ResultRow(run_id="r", model="resnet_tiny", regularizer="baseline", dataset="digits", split="test",
+                    subset=0, attack="none", norm="none", eps=0.0, n=10, clean_top1=0.9, adv_top1=0.9,
+                    precision=MEASUREMENT_PRECISION)
+    write_results(tmp_path / "v3.csv", [row])
+    assert read_results(tmp_path / "v3.csv")[0].precision == MEASUREMENT_PRECISION
+    frame = pd.read_csv(tmp_path / "v3.csv", keep_default_na=False).drop(columns=["precision"])
+    frame.to_csv(tmp_path / "v2.csv", index=False)
+    (back,) = read_results(tmp_path / "v2.csv")
+    assert back.precision == "" and back.clean_top1 == 0.9 and "precision" in FIELD_NAMES
