@@ -38,6 +38,7 @@ def _report_numbers(study: Path) -> list[str]:
     return (study / "report" / "table3.csv").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_torchrun_reproduce_completes_five_times_like_one_process(tmp_path, torchrun):
     """The README's multi-GPU study command on 2 gloo processes: one process group per process for every training
     and evaluation (re-creating a destroyed default group hung or failed with connectFullMesh). Five fresh runs each
