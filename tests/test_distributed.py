@@ -270,7 +270,7 @@ def test_ranks_skip_an_empty_batch_and_stop_on_nan_together(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["samples_seen"] == ranks[1]["samples_seen"] == 2 * 2 * 4  # 2 steps, 2 ranks, 4 images each
     assert ranks[0]["weights"] == ranks[1]["weights"]  # the same steps on both: DDP kept them in sync
-    assert "step 3" in ranks[1]["second"] and "another process" in ranks[0]["second"]
+    assert "nan at epoch 2, step 3" in ranks[1]["second"] and "another process" in ranks[0]["second"]
 
 
 def test_init_distributed_outside_torchrun_is_a_no_op(monkeypatch):
