@@ -40,7 +40,8 @@ SWEEP = tuple(k / 255 for k in (1, 2, 4, 8, 16, 32))
 # ------------------------------------------------------------------------------------------------ the bare loop
 def bare_attack(model: nn.Module, loader, *, eps: float, steps: int, device: torch.device,
                 generator: torch.Generator) -> tuple[int, int, int]:
-    """(n, clean correct, robust) with plain torch: FGSM when steps == 0, else PGD (random start, 2.5 * eps / steps)."""
+    """(n, clean correct, robust) with plain torch: FGSM when steps == 0, else PGD (random start, 2.5 * eps / steps,
+    first fooling iterate kept)."""
     n = clean = robust = 0
     step = 2.5 * eps / steps if steps else eps
     for x, y in loader:
@@ -53,12 +54,18 @@ def bare_attack(model: nn.Module, loader, *, eps: float, steps: int, device: tor
             x_adv = (xa + noise).clamp(0, 1)
         else:
             x_adv = xa
+        best, found = x_adv.clone(), torch.zeros(len(xa), dtype=torch.bool, device=device)
         for _ in range(max(steps, 1)):
             x_adv = x_adv.detach().requires_grad_(True)
-            loss = nn.functional.cross_entropy(model(x_adv), ya)
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + step * grad.sign()
+            logits = model(x_adv)
+            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, ya), x_adv)
+            x_adv = x_adv.detach()
+            if steps:  # PGD keeps each example's first iterate that fools the model, as the suite's does
+                new = (logits.argmax(1) != ya) & ~found
+                best[new], found = x_adv[new], found | new
+            x_adv = x_adv + step * grad.sign()
             x_adv = torch.min(torch.max(x_adv, xa - eps), xa + eps).clamp(0, 1)
+        x_adv = torch.where(found[:, None, None, None], best, x_adv)
         with torch.no_grad():
             adv_ok = model(x_adv).argmax(1) == ya
         n, clean, robust = n + len(y), clean + int(ok.sum()), robust + int(adv_ok.sum())
@@ -98,17 +105,16 @@ def train_briefly(model: nn.Module, steps: int, batch_size: int = 128) -> None:
 
 
 def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> list[tuple[str, float]]:
-    """Where the suite's PGD-10 time goes: one cProfile'd run split into model compute inside ART, ART's own per-step
-    work, the suite's forward passes, the sanity checks and the suite's own bookkeeping (seconds).
+    """Where the suite's PGD-10 time goes: one cProfile'd run split into model compute inside the PGD steps, the
+    per-step work around it (ART's ``loss_gradient`` wrapper, sign, clip, projection, best-iterate bookkeeping), the
+    suite's forward passes, the sanity checks and the suite's own bookkeeping (seconds).
 
-    The checks (``_Run._gradient_checks``: one clean gradient through ART's FGSM step, then one forward pass per eps
-    for the FGSM reference; ``predict_labels``: ART's predict on a few images) also call ART's forward and backward
-    and the model's forward: their gradient is the ``loss_gradient`` call made from ``fast_gradient.py`` (PGD's come
-    from its own module), so it is subtracted from the attack's model compute, and the rest of ``_gradient_checks``
-    (the reference's forward passes) from the suite's forward passes."""
+    The checks (``_Run._gradient_checks``: one clean gradient through ``fgsm_direction``, then one forward pass per
+    eps for the FGSM reference; ``predict_labels``: ART's predict on a few images) also run the model: their time is
+    taken out of the other parts."""
     profile = cProfile.Profile()
     profile.enable()
-    benchmark(model, data, info=info, attacks=("pgd",), eps=(EPS,), steps=10, device=device)
+    benchmark(model, data, info=info, attacks=("pgd",), eps=(EPS,), steps=10, device=device, checkpoint_hash="bench")
     profile.disable()
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
 
@@ -116,30 +122,28 @@ def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> 
         hits = [v[3] for k, v in stats.items() if k[2] == func and k[0].endswith(path)]
         return max(hits, default=0.0)  # the outermost call of a recursive/nested name
 
-    def cum_from(func: str, path: str, caller_path: str) -> float:
-        """Cumulative seconds of ``func`` when called from a function in ``caller_path``."""
+    def cum_from(func: str, path: str, caller: str) -> float:
+        """Cumulative seconds of ``func`` when called from the function named ``caller``."""
         return sum(edge[3] for k, v in stats.items() if k[2] == func and k[0].endswith(path)
-                   for caller, edge in v[4].items() if caller[0].endswith(caller_path))
+                   for c, edge in v[4].items() if c[2] == caller)
 
     total = cum("run_evaluation", "runner.py")
-    art = cum("_generate_batch", "projected_gradient_descent_pytorch.py")
-    art_forward = cum("forward", "classification/pytorch.py")  # ART's model wrapper
-    backward = cum("<method 'run_backward' of 'torch._C._EngineBase' objects>")
+    attack = cum("pgd", "art_adapter.py")
+    compute = cum_from("loss_gradient", "classification/pytorch.py", "loss_gradient")  # ART's, from the adapter's
+    check_gradient = cum_from("loss_gradient", "art_adapter.py", "fgsm_direction")
+    pgd_compute = compute - check_gradient
     all_forward = cum("forward", "robust_enc/models.py")  # NormalizedModel.forward, every caller
-    check_gradient = cum_from("loss_gradient", "classification/pytorch.py", "fast_gradient.py")
     check_predict = cum("predict_labels", "art_adapter.py")
     checks = cum("_gradient_checks", "runner.py") + check_predict
-    reference_forward = checks - check_gradient - check_predict
-    attack_compute = art_forward + backward - check_gradient - check_predict
+    art_forward = cum("forward", "classification/pytorch.py")  # ART's model wrapper: every loss_gradient/predict
+    suite_forward = all_forward - art_forward - (checks - check_gradient - check_predict)
     return [
         ("total (run_evaluation)", total),
-        ("model forward + backward inside ART's PGD steps", attack_compute),
-        ("ART's own per-step work (mode switches, zero_grad, numpy/torch, sign, clip, projection)",
-         art - attack_compute),
-        ("suite's clean and adversarial forward passes", all_forward - art_forward - reference_forward),
+        ("model forward + backward inside the PGD steps (ART's loss_gradient)", pgd_compute),
+        ("per-step work around it (sign, clip, projection, first-fooling iterate)", attack - pgd_compute),
+        ("suite's clean and adversarial forward passes", suite_forward),
         ("sanity checks: one clean gradient + FGSM reference per batch, ART predict on 16 images", checks),
-        ("suite's own bookkeeping (numpy copies, masks, counts, flags, ART objects)",
-         total - art - (all_forward - art_forward - reference_forward) - checks),
+        ("suite's own bookkeeping (masks, counts, flags)", total - attack - suite_forward - checks),
     ]
 
 
@@ -185,7 +189,7 @@ def cpu_part(args: argparse.Namespace) -> str:
         return go
 
     rows = benchmark(model, data, info=info, attacks=("fgsm", "pgd"), eps=(EPS,), steps=10,
-                     batch_size=args.batch_size, device="cpu")
+                     batch_size=args.batch_size, device="cpu", checkpoint_hash="bench")
     acc = {r.attack: r for r in rows}
     bare_fgsm, bare_pgd = run_bare(0)(), run_bare(10)()
     fgsm = interleaved(run_suite("fgsm", None), run_bare(0), args.rounds, False)
@@ -307,6 +311,95 @@ class _WithPrototypes(nn.Module):
         return self.model(x) + nn.functional.linear(x.flatten(1), self.weight, self.bias)
 
 
+# ------------------------------------------------------------------------------------------------ AutoAttack
+def train_digits(epochs: int = 15) -> tuple[nn.Module, float]:
+    """resnet_tiny on digits, 15 epochs at batch 64, lr 0.05 (~95% test top-1): (model, seconds)."""
+    torch.manual_seed(0)
+    data, info = build_dataset("digits", "train")
+    model = build_model(ModelSpec("resnet_tiny", 10, info.input_shape, info.mean, info.std))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in build_loader(data, batch_size=64, shuffle=True):
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), time.perf_counter() - start
+
+
+def every_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
+    """The cascade's four attacks (APGD-CE, APGD-T x 9 targets, Square 5,000) each on every clean-correct image,
+    robust = every attack failed (per example): what the cascade computes, without skipping broken examples."""
+    from robust_enc.attacks import art_adapter
+    from robust_enc.attacks.registry import AutoAttack
+    from robust_enc.attacks.state import seed_everything
+
+    classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=x.shape[1:], device=x.device)
+    apgd = dict(eps=eps, norm="linf", steps=100, step_size=2 * eps, restarts=1, batch_size=len(x))
+    robust = model(x).argmax(1) == y
+    xs, ys = x[robust], y[robust]
+    ranked = model(xs).argsort(1, descending=True)
+    runs = [(art_adapter.apgd(classifier, loss_type="cross_entropy", **apgd), ys)]
+    targeted = art_adapter.apgd(classifier, loss_type="difference_logits_ratio", targeted=True, **apgd)
+    runs += [(targeted, ranked[:, k]) for k in range(1, AutoAttack.TARGETS + 1)]
+    runs.append((art_adapter.square(classifier, eps=eps, norm="linf", steps=AutoAttack.SQUARE_QUERIES, restarts=1,
+                                    batch_size=len(x)), ys))
+    alive = torch.ones(len(xs), dtype=torch.bool)
+    for i, (attack, labels) in enumerate(runs):
+        seed_everything(i)
+        alive &= model(art_adapter.generate(attack, xs, labels, 10)).argmax(1) == ys
+    return float(alive.sum()) / len(x)
+
+
+def autoattack_part(args: argparse.Namespace) -> str:
+    """The suite's AutoAttack cascade against the same four attacks on every image and torchattacks' AutoAttack,
+    side by side on one model and image set."""
+    import torchattacks
+
+    torch.set_num_threads(args.threads)
+    model, train_s = train_digits()
+    data, info = build_dataset("digits", "test", subset=args.aa_n)
+    eps = EPS
+    x, y = data.x, data.y
+    results = {}
+    start = time.perf_counter()
+    rows = benchmark(model, data, info=info, attacks=("autoattack",), eps=(eps,), batch_size=args.aa_n,
+                     device="cpu", checkpoint_hash="bench")
+    results["suite: cascade (APGD-CE, APGD-T, Square)"] = (time.perf_counter() - start, rows[1].adv_top1,
+                                                           rows[1].flags or "none")
+    clean = rows[0].clean_top1
+    model.requires_grad_(False)
+    start = time.perf_counter()
+    robust = every_image(model, x, y, eps)
+    results["suite's four attacks, each on every image"] = (time.perf_counter() - start, robust, "")
+    start = time.perf_counter()
+    reference = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    x_adv = reference(x, y)
+    with torch.no_grad():
+        robust = float(((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean())
+    results["torchattacks.AutoAttack (standard: + FAB-T)"] = (time.perf_counter() - start, robust, "")
+    model.requires_grad_(True)
+    suite_s = results["suite: cascade (APGD-CE, APGD-T, Square)"][0]
+    lines = [
+        "## autoattack: the cascade against every attack on every image and against torchattacks",
+        "",
+        f"Machine: {machine()}; device cpu. `benchmarks/bench_attacks.py --only autoattack --aa-n {args.aa_n}`. "
+        "One run of each, one after the other, on cores shared with other jobs: read the ratios with ~15% jitter.",
+        "",
+        f"resnet_tiny trained 15 epochs on digits ({train_s:.0f} s), the first {args.aa_n} test images of the "
+        f"class-balanced subset, L-inf eps 8/255, clean top-1 {clean:.1%}. Robust top-1: right clean and under "
+        "every attack (per example).",
+        "",
+        "| evaluation | seconds | vs the cascade | robust top-1 | sanity flags |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (seconds, robust, flags) in results.items():
+        lines.append(f"| {name} | {seconds:.1f} | {seconds / suite_s:.2f}x | {robust:.1%} | {flags} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="Fashion-MNIST test images")
@@ -316,6 +409,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu-n", type=int, default=512)
     parser.add_argument("--gpu-batch-size", type=int, default=128)
+    parser.add_argument("--aa-n", type=int, default=100, help="digits test images for the AutoAttack part")
+    parser.add_argument("--only", choices=("attacks", "autoattack"), default=None, help="run one part")
     parser.add_argument("--no-write", action="store_true", help="print instead of writing BENCHMARKS.md")
     # For benchmarks/gpu.sh: only the GPU part, into its own section; its --dry-run runs it tiny on the CPU.
     parser.add_argument("--gpu-only", action="store_true", help="only the ResNet-50 GPU part")
@@ -330,6 +425,13 @@ def main() -> None:
         if not args.no_write:
             write_section("attacks-gpu", text)
         return
+    if args.only != "attacks":
+        text = autoattack_part(args)
+        print(text)
+        if not args.no_write:
+            write_section("autoattack", text)
+        if args.only == "autoattack":
+            return
     text = cpu_part(args)
     if torch.cuda.is_available():
         text += "\n" + gpu_part(args)

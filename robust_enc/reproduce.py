@@ -39,7 +39,9 @@ class Preset:
     rows: tuple[str, ...]  # regularizer specs, one trained model each (per seed)
     seeds: tuple[int, ...] = (0,)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    attack: dict[str, Any] = field(default_factory=dict)  # AttackConfig overrides ("eps" may use k/255 strings)
+    # AttackConfig overrides ("eps" may use k/255 strings); a list of them = one evaluation each, e.g. FGSM over an eps
+    # sweep on every image beside AutoAttack at one eps on a subset (AutoAttack costs ~1,000 gradients per image)
+    attack: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)  # build_report options (baseline)
     # The paper's Figures 1 and 3: {"weight_decay": [0, 1e-4, ...], "row": "baseline", "against": "enc"} trains
     # ``row`` (first seed) once per weight decay and plots GBR per epoch beside ``against``; training only.
@@ -87,19 +89,28 @@ def load_preset(name_or_path: str) -> Preset:
 def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | None = None,
          epochs: int | None = None, workers: int | None = None) -> list[tuple[Any, Any]]:
     """(TrainConfig, AttackConfig) for every row x seed; validates every spec and setting before anything runs."""
-    from robust_enc.attacks.registry import parse_eps
+    from robust_enc.attacks.registry import parse_attacks, parse_eps
     from robust_enc.attacks.runner import AttackConfig
     from robust_enc.config import replace_checked
     from robust_enc.train.loop import TrainConfig, resolve_config
 
     train_overrides = dict(preset.train)
-    attack_overrides = dict(preset.attack)
     if epochs is not None:
         train_overrides["epochs"] = epochs
     if workers is not None:
-        train_overrides["workers"] = attack_overrides["workers"] = workers
-    attack_overrides["eps"] = parse_eps(attack_overrides.get("eps", "1/255,2/255,4/255"))
-    attack_overrides["attacks"] = tuple(attack_overrides.get("attacks", ("fgsm",)))
+        train_overrides["workers"] = workers
+    evaluations = []
+    for i, section in enumerate(preset.attack if isinstance(preset.attack, list) else [preset.attack]):
+        if not isinstance(section, dict):
+            raise UserError(f"preset {preset.name}: \"attack\" must be an object or a list of objects, got {section!r}")
+        attack_overrides = dict(section)
+        if workers is not None:
+            attack_overrides["workers"] = workers
+        attack_overrides["eps"] = parse_eps(attack_overrides.get("eps", "1/255,2/255,4/255"),
+                                            attack_overrides.get("norm", "linf"))
+        attack_overrides["attacks"] = parse_attacks(attack_overrides.get("attacks", ("fgsm",)))
+        attack_overrides.setdefault("gbr", i == 0)  # GBR once per model, with the first evaluation
+        evaluations.append(attack_overrides)
     pairs = []
     for spec in preset.rows:
         for seed in preset.seeds:
@@ -107,9 +118,11 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
                 TrainConfig(), model=preset.model, dataset=preset.dataset, data_dir=data_dir, regularizer=spec,
                 seed=seed, device=device, out_dir=str(out / "runs"), resume=True, **train_overrides))
             run_dir = Path(train_config.out_dir) / train_config.run_id
-            attack_config = replace_checked(AttackConfig(), checkpoint=str(run_dir), data_dir=data_dir, device=device,
-                                            seed=seed, gbr=True, out=str(run_dir / "results.csv"), **attack_overrides)
-            pairs.append((train_config, attack_config))
+            for attack_overrides in evaluations:
+                attack_config = replace_checked(AttackConfig(), checkpoint=str(run_dir), data_dir=data_dir,
+                                                device=device, seed=seed, out=str(run_dir / "results.csv"),
+                                                **attack_overrides)
+                pairs.append((train_config, attack_config))
     return pairs
 
 
@@ -183,7 +196,7 @@ def _attack_done(attack_config: Any) -> bool:
     ckpt = load_checkpoint(attack_config.checkpoint)
     settings = attack_config.settings()
     plans = [ATTACKS.get(a).plan(a, settings, ckpt.spec.num_classes) for a in attack_config.attacks]
-    eps = parse_eps(attack_config.eps)
+    eps = parse_eps(attack_config.eps, attack_config.norm)
 
     def threat(attack: str, norm: str, e: float, steps: int = 0, step_size: float = 0.0, restarts: int = 0) -> tuple:
         return attack, norm, round(e, 9), steps, round(step_size, 9), restarts
@@ -197,6 +210,20 @@ def _attack_done(attack_config: Any) -> bool:
             if r.checkpoint_hash == ckpt.content_hash and r.subset == attack_config.subset
             and r.seed == attack_config.seed and (not attack_config.gbr or math.isfinite(r.gbr))}
     return want <= have
+
+
+def sanity_flags(pairs: list[tuple[Any, Any]]) -> list[str]:
+    """Every sanity flag in the study's results for the current checkpoints, one line each (for the end panel)."""
+    from robust_enc.attacks.checks import flag_lines
+    from robust_enc.checkpoint import load_checkpoint
+    from robust_enc.results import read_results
+
+    lines: list[str] = []
+    for out, checkpoint in dict.fromkeys((a.out, a.checkpoint) for _, a in pairs):
+        if Path(out).is_file():
+            current = load_checkpoint(checkpoint).content_hash
+            lines += flag_lines([r for r in read_results(out) if r.checkpoint_hash == current])
+    return lines
 
 
 def _is_main_process() -> bool:
@@ -220,9 +247,12 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
     out = Path(out)
     pairs = plan(preset, out, device=device, data_dir=data_dir, epochs=epochs, workers=workers)
     start = time.perf_counter()
+    trained = set()
     for i, (train_config, attack_config) in enumerate(pairs, 1):
-        log.warning("[%d/%d] %s", i, len(pairs), train_config.run_id)
-        train(train_config)
+        log.warning("[%d/%d] %s: %s", i, len(pairs), train_config.run_id, ",".join(attack_config.attacks))
+        if train_config.run_id not in trained:  # a model with several evaluations is trained once
+            train(train_config)
+            trained.add(train_config.run_id)
         if _attack_done(attack_config):
             log.info("%s: attacks already done, skipped", train_config.run_id)
         else:
@@ -260,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from robust_enc.attacks.cli import print_flags
     from robust_enc.reports.render import rich_table
     from robust_enc.reports.tables import select_threats, threat_columns
 
@@ -276,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--rows {missing} are not rows of preset {preset.name}: {', '.join(preset.rows)}")
         preset = dataclasses.replace(preset, rows=rows)
     out = args.out or Path("reports") / preset.name
-    plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
+    pairs = plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
     sweep_plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)
     if _is_main_process():
         Console(stderr=True).print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
@@ -292,4 +323,5 @@ def run(args: argparse.Namespace) -> int:
                                    "difference to the baseline, GBR"))
     print(f"report: {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
           f"plots: {out / 'report' / 'plots'})")
+    print_flags(sanity_flags(pairs))  # one panel for the whole study
     return 0

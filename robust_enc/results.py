@@ -66,7 +66,7 @@ class ResultRow:
     # the threat
     attack: str  # attack registry name; "none" = clean row, "worst" = per-example worst case over attacks
     norm: str  # "linf", "l2" or "none"
-    eps: float  # [0, 1] pixel units
+    eps: float  # pixel units: [0, 1] for linf, up to sqrt(C*H*W) for l2
     steps: int = 0
     step_size: float = 0.0  # pixel units
     restarts: int = 0
@@ -101,8 +101,8 @@ class ResultRow:
 
     def validate(self) -> None:
         """Raise ValueError when the row breaks the schema's invariants."""
-        if not 0.0 <= self.eps <= 1.0:
-            raise ValueError(f"eps {self.eps} outside [0, 1] pixel units")
+        if not (0.0 <= self.eps <= 1.0 or (self.norm == "l2" and 0.0 <= self.eps < math.inf)):
+            raise ValueError(f"eps {self.eps} outside [0, 1] pixel units (only an L2 eps may exceed 1)")
         if self.attack == "none" and self.eps != 0.0:
             raise ValueError("the clean row (attack 'none') must have eps 0")
         for name in ("clean_top1", "clean_top5", "adv_top1", "adv_top5"):

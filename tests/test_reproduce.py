@@ -24,7 +24,8 @@ SMALL = {
     "seeds": [0],
     "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "weight_decay": 0.0005, "schedule": "cosine",
               "subset": 300, "val_subset": 100, "gbr_probe_size": 32},
-    "attack": {"attacks": ["fgsm", "pgd"], "eps": ["4/255", "16/255"], "steps": 3, "subset": 60, "batch_size": 60},
+    "attack": [{"attacks": ["fgsm", "pgd"], "eps": ["4/255", "16/255"], "steps": 3, "subset": 60, "batch_size": 60},
+               {"attacks": ["aa"], "eps": ["32/255"], "steps": 5, "subset": 20, "batch_size": 20}],
     "report": {"baseline": "baseline"},
 }
 
@@ -34,7 +35,9 @@ def test_shipped_presets_load_and_plan(tmp_path, name):
     preset = load_preset(name)
     assert "baseline" in preset.rows and "enc" in preset.rows
     pairs = plan(preset, tmp_path)  # validates every spec and setting, touches no data
-    assert len(pairs) == len(preset.rows) * len(preset.seeds)
+    assert len(pairs) == len(preset.rows) * len(preset.seeds) * 2  # FGSM/PGD sweep, then AutoAttack at one eps
+    assert [a.attacks for _, a in pairs[:2]] == [("fgsm", "pgd"), ("autoattack",)]
+    assert [a.gbr for _, a in pairs[:2]] == [True, False]  # GBR measured once per model
     assert not any(tmp_path.iterdir())
 
 
@@ -47,7 +50,9 @@ def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(robust_enc.reports, "make_report", lambda *a, **kw: builds.append(1) or make_report(*a, **kw))
     assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
     assert len(builds) == 1
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "sanity checks" in captured.err  # the one end-of-study panel (or its "no flag" line)
     assert "report:" in printed and "enc" in printed
     # The terminal's Table 3 view: differences to the baseline as in the paper, and the GBR column.
     assert re.search(r"\([+-]\d+\.\d\d\)", printed) and "GBR" in printed and "FGSM" in printed
@@ -63,9 +68,18 @@ def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch
                                       "resnet_tiny-digits-enc-s0-n300"]
     for run in runs:
         rows = read_results(run / "results.csv")
-        assert {(r.attack, round(r.eps * 255)) for r in rows} >= {("none", 0), ("fgsm", 4), ("pgd", 16)}
-        assert all(not math.isnan(r.gbr) and r.gbr > 0 and r.n == 60 for r in rows)
+        assert {(r.attack, round(r.eps * 255)) for r in rows} >= {("none", 0), ("fgsm", 4), ("pgd", 16),
+                                                                 ("autoattack", 32)}
+        assert all(not math.isnan(r.gbr) and r.gbr > 0 and r.n == 60 for r in rows if r.subset == 60)
+        assert all(r.n == 20 for r in rows if r.subset == 20) and len([r for r in rows if r.n == 20]) == 2
         assert all(r.adv_top1 <= r.clean_top1 for r in rows)
+    # Two clean rows per model (60 and 20 images): the model's clean accuracy is the 60-image one.
+    from robust_enc.reports import tables
+
+    every = [r for run in runs for r in read_results(run / "results.csv")]
+    clean = {r.run_id: r.clean_top1 for r in every if r.attack == "none" and r.n == 60}
+    replicated = tables.replicates(tables.results_frame(every))
+    assert dict(zip(replicated["run_id"], replicated["clean_top1"])) == pytest.approx(clean)
     table3 = (report / "table3.md").read_text()
     # The preset's row order (the paper's), not the run folders' alphabetical one (enc+ls before enc).
     assert [line.split(" | ")[1] for line in table3.splitlines()[2:]] == ["baseline", "enc", "enc+ls"]

@@ -1,4 +1,5 @@
-"""Adversarial evaluation through IBM ART: FGSM, PGD, APGD, Square over a data set, an eps sweep, sanity checks.
+"""Adversarial evaluation through IBM ART: AutoAttack, FGSM, PGD, APGD, Square over a data set, an eps sweep,
+sanity checks.
 
 ``evaluate(AttackConfig(...))`` runs a checkpoint (what ``robust-enc attack`` and ``reproduce`` call);
 ``benchmark(model, dataset, attacks=..., eps=...)`` is the RobustBench-style one call for any ``nn.Module``.

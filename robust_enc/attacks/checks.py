@@ -1,6 +1,7 @@
 """Sanity checks every attack run makes on its own results (after AutoAttack's ``checks.py`` and ``flags_doc.md``).
 
-A failed check becomes a short flag in the row's ``flags`` field (';'-separated) and a warning. The checks:
+A failed check becomes a short flag in the row's ``flags`` field (';'-separated); the runner logs one line per run
+and the command line ends with one panel of every flag. The checks:
 
 - ``perturbation_exceeds_eps``: the largest perturbation (L-inf: max |x_adv - x|; L2: max per-example norm) is
   above eps + 1e-6 (float32 arithmetic overshoots by ~2e-9, never by 1e-6).
@@ -11,13 +12,20 @@ A failed check becomes a short flag in the row's ``flags`` field (';'-separated)
   passes take) disagreed with the suite's clean pass on K of N examples (the first 16 examples each process sees:
   a conversion bug is systematic, and a check per batch would cost a forward pass per batch). Attacking at eps 0
   itself proves nothing: the suite skips the attack there.
-- ``accuracy_increases_with_eps``: robust accuracy went up from the previous eps of the same attack.
-- ``iterative_weaker_than_fgsm``: PGD/APGD left more examples robust than one FGSM step at the same eps: the
-  iterative attack is misconfigured (step size, steps) or the gradients are obfuscated. Without an ``fgsm`` row the
-  runner computes an FGSM reference from the per-batch gradient below (``RowStats.fgsm_reference``).
-- ``black_box_stronger_than_white_box``: the score-based square attack beat every iterative gradient attack
-  (PGD/APGD) run at the same eps: the white-box gradients are probably masked (Athalye et al. 2018). One FGSM step
-  is no yardstick here: a 1,000-query square attack beats it on healthy models too.
+
+The three comparisons between attacks (or eps) are made per example, not on the totals, with an exact one-sided
+McNemar test: of the examples where the two disagree, the supposedly weaker side broke b and the stronger side c;
+the flag fires when P(X >= b) < 0.01 for X ~ Binomial(b + c, 1/2), so a one- or two-image difference (random starts,
+ties) never fires, while a systematic one does (b >= 7 with c = 0). The per-example counts come from the runner.
+
+- ``accuracy_increases_with_eps``: an attack broke significantly more examples at the previous eps than at this one.
+- ``iterative_weaker_than_fgsm``: one FGSM step broke significantly more examples than PGD/APGD/AutoAttack at the
+  same eps: the iterative attack is misconfigured (step size, steps) or the gradients are obfuscated. Without an
+  ``fgsm`` row the runner computes an FGSM reference from the per-batch gradient below.
+- ``black_box_stronger_than_white_box``: the score-based square attack broke significantly more examples than the
+  per-example worst case of the iterative gradient attacks (PGD/APGD/AutoAttack) run at the same eps: the white-box
+  gradients are probably masked (Athalye et al. 2018). One FGSM step is no yardstick here: a 1,000-query square
+  attack beats it on healthy models too.
 - ``zero_gradient=F``: a fraction F > 1% of the attacked examples had an all-zero clean loss gradient w.r.t. the
   input (one gradient per batch, FGSM's own when FGSM runs): gradient masking. A property of the model, so every
   attack row at eps > 0 carries it (on a black-box row: gradient attacks are masked on this model).
@@ -28,7 +36,6 @@ A failed check becomes a short flag in the row's ``flags`` field (';'-separated)
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = 1e-6  # pixel units
 ZERO_GRADIENT_LIMIT = 0.01  # fraction of attacked examples
 PROBABILITY_LIMIT = 0.99  # fraction of examples whose outputs look like probabilities
+SIGNIFICANCE = 0.01  # one-sided exact McNemar test on the disagreeing examples
 
 
 @dataclass(frozen=True)
@@ -53,13 +61,31 @@ class RowStats:
     iterative: bool = False
     probability_fraction: float = 0.0  # examples whose clean outputs look like probabilities (same for every row)
     non_finite: int = 0  # adversarial images with NaN/inf pixels
-    fgsm_reference: float = math.nan  # robust top-1 of one FGSM step at this eps when no fgsm row exists; NaN = none
     roundtrip_checked: int = 0  # examples whose ART predict was compared with the suite's clean pass
     roundtrip_mismatch: int = 0  # of those, with a different top-1 label
+    ref_only: int = 0  # examples the reference (FGSM; for black-box rows the white-box worst case) broke, this not
+    self_only: int = 0  # examples this attack broke and the reference did not
+    prev_eps_only: int = 0  # examples this attack broke at the previous eps but not at this one
+    this_eps_only: int = 0  # examples it broke at this eps but not at the previous one
+
+
+def mcnemar_p(weaker_only: int, stronger_only: int) -> float:
+    """One-sided exact McNemar p-value that the weaker side breaks more: P(X >= weaker_only), X ~ Binomial(n, 1/2)
+    over the n = weaker_only + stronger_only disagreeing examples (1.0 when they never disagree)."""
+    from scipy.stats import binomtest
+
+    n = weaker_only + stronger_only
+    return 1.0 if n == 0 else float(binomtest(weaker_only, n, 0.5, alternative="greater").pvalue)
+
+
+def _significant(weaker_only: int, stronger_only: int) -> str:
+    """"" when the weaker side did not break significantly more, else the numbers for the flag."""
+    p = mcnemar_p(weaker_only, stronger_only)
+    return f"{weaker_only} vs {stronger_only},p={p:.2g}" if p < SIGNIFICANCE else ""
 
 
 def check_rows(rows: list[ResultRow], stats: list[RowStats]) -> list[ResultRow]:
-    """Return copies of ``rows`` with ``flags`` filled in; log one warning per failed check."""
+    """Return copies of ``rows`` with ``flags`` filled in."""
     flags: list[list[str]] = [[] for _ in rows]
     attack_rows = [i for i, r in enumerate(rows) if r.attack not in ("none", "worst")]
     for i in attack_rows:
@@ -83,31 +109,25 @@ def check_rows(rows: list[ResultRow], stats: list[RowStats]) -> list[ResultRow]:
     for indices in by_attack.values():
         indices.sort(key=lambda i: rows[i].eps)
         for prev, cur in zip(indices, indices[1:]):
-            if rows[cur].adv_top1 > rows[prev].adv_top1 + 1e-12:
-                flags[cur].append(f"accuracy_increases_with_eps(from={rows[prev].adv_top1:.4f})")
+            if found := _significant(stats[cur].prev_eps_only, stats[cur].this_eps_only):
+                flags[cur].append(f"accuracy_increases_with_eps(from={rows[prev].adv_top1:.4f},{found})")
 
-    at_eps: dict[float, list[int]] = defaultdict(list)
     for i in attack_rows:
-        at_eps[rows[i].eps].append(i)
-    for eps, indices in at_eps.items():
-        if eps == 0:
+        row, st = rows[i], stats[i]
+        if row.eps == 0:
             continue
-        fgsm = [rows[i].adv_top1 for i in indices if rows[i].attack == "fgsm"]
-        fgsm += [stats[i].fgsm_reference for i in indices if not math.isnan(stats[i].fgsm_reference)][:1]
-        white = [rows[i].adv_top1 for i in indices if stats[i].white_box and stats[i].iterative]
-        for i in indices:
-            if fgsm and stats[i].iterative and stats[i].white_box and rows[i].adv_top1 > fgsm[0] + 1e-12:
-                flags[i].append(f"iterative_weaker_than_fgsm(fgsm={fgsm[0]:.4f})")
-            if white and not stats[i].white_box and rows[i].adv_top1 < min(white) - 1e-12:
-                flags[i].append(f"black_box_stronger_than_white_box(white={min(white):.4f})")
+        if st.white_box and st.iterative and (found := _significant(st.ref_only, st.self_only)):
+            flags[i].append(f"iterative_weaker_than_fgsm(fgsm broke {found})")
+        if not st.white_box and (found := _significant(st.self_only, st.ref_only)):
+            flags[i].append(f"black_box_stronger_than_white_box(square broke {found})")
 
     if stats and stats[0].probability_fraction >= PROBABILITY_LIMIT:
         for f in flags:
             f.append("outputs_look_like_probabilities")
 
-    out = []
-    for row, f in zip(rows, flags):
-        for flag in f:
-            log.warning("sanity check failed: %s eps=%.5g: %s", row.attack, row.eps, flag)
-        out.append(replace(row, flags=";".join(f)))
-    return out
+    return [replace(row, flags=";".join(f)) for row, f in zip(rows, flags)]
+
+
+def flag_lines(rows: list[ResultRow]) -> list[str]:
+    """"run attack eps: flag" for every flag of ``rows``, for a summary panel or log line."""
+    return [f"{r.run_id} {r.attack} eps={r.eps:.4g}: {flag}" for r in rows if r.flags for flag in r.flags.split(";")]

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from robust_enc.attacks.checks import flag_lines
 from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
 from robust_enc.attacks.runner import AttackConfig, BatchReport, evaluate, results_path
 from robust_enc.cli import add_data_arguments, add_device_argument, add_file_data_arguments
@@ -26,12 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     threat = parser.add_argument_group("threat model")
     threat.add_argument("--attack", default="fgsm",
-                        help=f"comma-separated attacks: {', '.join(ATTACKS.names())} (default fgsm)")
+                        help=f"comma-separated attacks: {', '.join(ATTACKS.names())} (aa = autoattack; default fgsm)")
     threat.add_argument("--eps", default="1/255,2/255,4/255",
-                        help="comma-separated eps in pixel units of [0, 1] images: floats or k/255")
+                        help="comma-separated eps in pixel units of [0, 1] images: floats or k/255; L-inf in [0, 1], "
+                        "L2 up to sqrt(C*H*W)")
     threat.add_argument("--norm", default="linf", choices=("linf", "l2"))
     threat.add_argument("--steps", type=int, default=None,
-                        help="iterations (square: queries); default per attack: pgd 10, apgd 100, square 1000")
+                        help="iterations (square: queries); default per attack: pgd 10, apgd and autoattack's APGD "
+                        "100, square 1000")
     threat.add_argument("--step-size", type=float, default=None,
                         help="pixel units; default 2.5*eps/steps for pgd (Madry/RobustBench), 2*eps for apgd")
     threat.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
@@ -48,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
         data_dir=args.data_dir, download=args.download, split=args.split, subset=args.subset,
         subset_list=args.subset_list or "", cache=args.cache or "",
         batch_size=args.batch_size, workers=args.workers, device=args.device, attacks=parse_attacks(args.attack),
-        eps=parse_eps(args.eps), norm=args.norm, steps=args.steps, step_size=args.step_size,
+        eps=parse_eps(args.eps, args.norm), norm=args.norm, steps=args.steps, step_size=args.step_size,
         random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr)
 
 
@@ -97,26 +100,38 @@ class _Progress:
 
 def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None) -> None:
     from rich.console import Console
-    from rich.panel import Panel
     from rich.table import Table
 
     console = Console()
+    names = max(len(r.attack) for r in rows)
     table = Table(title=f"{rows[0].run_id} on {rows[0].dataset} ({rows[0].split}, n={rows[0].n})")
     for column in ("attack", "norm", "eps", "steps", "clean top-1", "adv top-1", "adv top-5", "img/s", "checks"):
-        table.add_column(column, justify="left" if column in ("attack", "norm", "checks") else "right")
+        # attack names whole: a narrow terminal would otherwise cut apgd-ce and apgd-dlr both to "apgd-…"
+        table.add_column(column, justify="left" if column in ("attack", "norm", "checks") else "right",
+                         no_wrap=column == "attack", min_width=names if column == "attack" else None)
     for r in rows:
         eps = f"{r.eps * 255:.3g}/255" if r.norm == "linf" else f"{r.eps:.3g}"
         table.add_row(r.attack, r.norm, eps, str(r.steps or ""), f"{r.clean_top1:.2%}", f"{r.adv_top1:.2%}",
                       "" if math.isnan(r.adv_top5) else f"{r.adv_top5:.2%}", f"{r.images_per_s:,.0f}",
                       "[red]FAIL[/red]" if r.flags else "ok")
     console.print(table)
-    failed = [f"{r.attack} eps={r.eps:.4g}: {flag}" for r in rows if r.flags for flag in r.flags.split(";")]
-    if failed:
-        Console(stderr=True).print(Panel("\n".join(failed), title="sanity checks FAILED (see STYLE.md / checks.py)",
-                                         border_style="red"))
+    print_flags(flag_lines(rows))
     if timing is not None:
         console.print(timing.time_split())
     console.print(f"results appended to {out}")
+
+
+def print_flags(lines: list[str]) -> None:
+    """One panel of every sanity flag (stderr), or one green line when none fired."""
+    from rich.console import Console
+    from rich.panel import Panel
+
+    console = Console(stderr=True)
+    if lines:
+        console.print(Panel("\n".join(lines), title=f"sanity checks: {len(lines)} flags (see attacks/checks.py)",
+                            border_style="red"))
+    else:
+        console.print("[green]sanity checks: no flag[/green]")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import torch
 
 from robust_enc.attacks import art_adapter
 from robust_enc.errors import UserError
 from robust_enc.registry import Registry
 
 RESERVED = ("none", "worst")  # row names that are not attacks: the clean row and the per-example worst case
+ALIASES = {"aa": "autoattack"}  # accepted on input; rows carry the registry name
 
 
 @dataclass(frozen=True)
@@ -52,75 +53,136 @@ class Plan:
 
 
 class Prepared:
-    """An attack ready for batches: ``start(x, y)`` once per batch, then ``at(eps)`` -> x_adv [B, C, H, W] float32.
-    x: [B, C, H, W] float32 in [0, 1]; y: [B, K] one-hot float32."""
+    """An attack ready for batches: ``start(x, y)`` once per batch, then ``at(eps)`` -> x_adv [B, C, H, W].
+    x: [B, C, H, W] float32 in [0, 1] on the run's device; y: [B] int64 labels; x_adv on the same device."""
 
-    def start(self, x: np.ndarray, y: np.ndarray) -> None:
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def at(self, eps: float) -> np.ndarray:
+    def at(self, eps: float) -> torch.Tensor:
         raise NotImplementedError
 
 
 class SweepFGSM(Prepared):
-    """FGSM without random start steps along the same direction at every eps: one gradient per batch for the whole
-    sweep, then x + eps * direction clipped and projected per eps, by ART's own arithmetic."""
+    """FGSM without random start steps along the same direction at every eps: one gradient per batch (ART's
+    ``loss_gradient``) for the whole sweep, then x + eps * direction clipped and projected per eps on the device."""
 
-    def __init__(self, classifier: Any, plan: Plan, batch_size: int) -> None:
-        # eps here only satisfies ART's parameter check: the sweep passes each eps explicitly.
-        self.attack = art_adapter.fgsm(classifier, eps=1.0, norm=plan.norm, batch_size=batch_size)
-        self.step: art_adapter.FgsmDirection | None = None
+    def __init__(self, classifier: Any, plan: Plan, num_classes: int) -> None:
+        self.classifier, self.norm, self.num_classes = classifier, plan.norm, num_classes
+        self.x: torch.Tensor | None = None
+        self.step: torch.Tensor | None = None
 
-    def start(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.step = art_adapter.fgsm_direction(self.attack, x, y)
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        y_one_hot = torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype)
+        self.x, self.step = x, art_adapter.fgsm_direction(self.classifier, x, y_one_hot, self.norm)
 
-    def at(self, eps: float) -> np.ndarray:
-        assert self.step is not None
-        return art_adapter.fgsm_apply(self.attack, self.step, eps)
+    def at(self, eps: float) -> torch.Tensor:
+        assert self.x is not None and self.step is not None
+        return art_adapter.fgsm_apply(self.x, self.step, eps, self.norm)
 
     @property
-    def zero_gradient(self) -> np.ndarray:
+    def zero_gradient(self) -> torch.Tensor:
         """[B] bool: examples of the last ``start`` batch whose clean loss gradient w.r.t. the input is all zero."""
         assert self.step is not None
-        return self.step.zero_gradient
+        return ~self.step.flatten(1).ne(0).any(1)
 
 
 class PerEps(Prepared):
-    """One ART attack object per eps, built before the first batch (so ART's parameter checks run up front).
-    eps 0 is the clean input itself: PGD refuses eps 0 and any attack at eps 0 leaves x unchanged."""
+    """One attack per eps, built before the first batch (so ART's parameter checks run up front). eps 0 is the clean
+    input itself: PGD refuses eps 0 and any attack at eps 0 leaves x unchanged."""
 
     def __init__(self, build: Callable[..., Any], classifier: Any, eps_values: Sequence[float], plan: Plan,
-                 batch_size: int, reseed: Callable[[float], None],
-                 run: Callable[[Any, np.ndarray, np.ndarray], np.ndarray] = art_adapter.generate) -> None:
+                 batch_size: int, reseed: Callable[[float, str], None], num_classes: int) -> None:
         self.attacks = {eps: build(classifier, eps, plan, batch_size) for eps in eps_values if eps > 0}
-        self.reseed, self.run = reseed, run
-        self.x: np.ndarray | None = None
-        self.y: np.ndarray | None = None
+        self.reseed, self.num_classes = reseed, num_classes
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
 
-    def start(self, x: np.ndarray, y: np.ndarray) -> None:
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
 
-    def at(self, eps: float) -> np.ndarray:
+    def at(self, eps: float) -> torch.Tensor:
         assert self.x is not None and self.y is not None
         if eps == 0:
-            return self.x.copy()
-        self.reseed(eps)  # random starts draw from numpy's global RNG
-        return self.run(self.attacks[eps], self.x, self.y)
+            return self.x.clone()
+        self.reseed(eps, "")  # random starts draw from numpy's (ART) or torch's (the suite's PGD) global RNG
+        return self.attacks[eps](self.x, self.y)
+
+
+class AutoAttack(Prepared):
+    """AutoAttack's standard version (Croce & Hein 2020) as a cascade of ART attacks: APGD-CE (``plan.steps``
+    iterations, 1 random start), then APGD-T on the DLR loss (one run per target class: the k-th highest clean logit,
+    k = 2 .. min(10, classes)), then Square (5,000 queries, p_init 0.8). FAB-T is left out: ART has no FAB attack.
+
+    Each attack runs only on the examples every earlier one failed on, so an example counts as robust only when all
+    of them failed; per example the first adversarial image that fools the model is kept. Random starts are seeded
+    per (batch, eps, stage), as every other attack's."""
+
+    SQUARE_QUERIES = 5000
+    TARGETS = 9
+
+    def __init__(self, classifier: Any, eps_values: Sequence[float], plan: Plan, batch_size: int,
+                 reseed: Callable[[float, str], None], num_classes: int) -> None:
+        self.classifier, self.reseed, self.num_classes = classifier, reseed, num_classes
+        self.targets = min(self.TARGETS, num_classes - 1)
+        self.stages: dict[float, list[tuple[str, Any]]] = {}
+        for eps in eps_values:
+            if eps == 0:
+                continue
+            common = dict(eps=eps, norm=plan.norm, batch_size=batch_size)
+            apgd = dict(steps=plan.steps, step_size=plan.step_size_at(eps), restarts=1, **common)
+            self.stages[eps] = [
+                ("apgd-ce", art_adapter.apgd(classifier, loss_type="cross_entropy", **apgd)),
+                ("apgd-t", art_adapter.apgd(classifier, loss_type="difference_logits_ratio", targeted=True, **apgd)),
+                ("square", art_adapter.square(classifier, steps=self.SQUARE_QUERIES, restarts=1, **common)),
+            ]
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.ranked: torch.Tensor | None = None
+
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        with torch.no_grad():  # target classes from the clean logits, as AutoAttack picks them
+            self.ranked = self.classifier.model(x).argsort(1, descending=True)
+
+    def _fooled(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.classifier.model(x_adv).argmax(1) != y
+
+    def at(self, eps: float) -> torch.Tensor:
+        x, y, ranked = self.x, self.y, self.ranked
+        assert x is not None and y is not None and ranked is not None
+        x_adv = x.clone()
+        if eps == 0:
+            return x_adv
+        robust = ~self._fooled(x, y)
+        for name, attack in self.stages[eps]:
+            runs = [(name, y)] if name != "apgd-t" else [(f"apgd-t{k}", ranked[:, k]) for k in
+                                                         range(1, self.targets + 1)]
+            for run_name, labels in runs:
+                idx = robust.nonzero().squeeze(1)
+                if not len(idx):
+                    return x_adv
+                self.reseed(eps, run_name)
+                candidate = art_adapter.generate(attack, x[idx], labels[idx], self.num_classes)
+                fooled = self._fooled(candidate, y[idx])
+                x_adv[idx[fooled]] = candidate[fooled]
+                robust[idx[fooled]] = False
+        return x_adv
 
 
 @dataclass(frozen=True)
 class AttackEntry:
-    """Per-attack behaviour. ``build(classifier, eps, plan, batch_size)`` makes the ART object for one eps; when
-    ``sweep`` is set the entry instead prepares a ``SweepFGSM``."""
+    """Per-attack behaviour: ``prepare(classifier, eps_values, plan, batch_size, reseed, num_classes)`` makes the
+    ``Prepared`` that turns batches into adversarial images."""
 
     white_box: bool
     default_steps: int  # 0 = one step (FGSM)
     step_rule: Callable[[float, int], float]
     random_start: str  # "never", "optional" (PGD: --random-start) or "always" (APGD, square)
-    build: Callable[..., Any] | None = None
-    run: Callable[[Any, np.ndarray, np.ndarray], np.ndarray] = art_adapter.generate  # (attack, x, y) -> x_adv
-    sweep: bool = False
+    prepare: Callable[..., Prepared]
     min_classes: int = 2
+    fixed_restarts: int | None = None  # the attack's own protocol (autoattack: one start per stage)
 
     def plan(self, name: str, settings: AttackSettings, num_classes: int) -> Plan:
         """Resolve defaults and reject settings this attack cannot run with (before any batch)."""
@@ -135,6 +197,8 @@ class AttackEntry:
             raise UserError(f"--restarts must be >= 1, got {settings.restarts}")
         restarts = {"never": 0, "always": settings.restarts,
                     "optional": settings.restarts if settings.random_start else 0}[self.random_start]
+        if self.fixed_restarts is not None:
+            restarts = self.fixed_restarts
         if self.random_start == "optional" and not settings.random_start and settings.restarts > 1:
             raise UserError(f"attack {name}: --restarts {settings.restarts} needs --random-start (without it every "
                             "restart starts at x and finds the same point)")
@@ -143,13 +207,6 @@ class AttackEntry:
             raise UserError(f"--step-size must be > 0 (pixel units), got {step_size}")
         return Plan(name, settings.norm, steps, restarts, step_size, self.step_rule, self.white_box,
                     bool(self.default_steps))
-
-    def prepare(self, classifier: Any, eps_values: Sequence[float], plan: Plan, batch_size: int,
-                reseed: Callable[[float], None]) -> Prepared:
-        if self.sweep:
-            return SweepFGSM(classifier, plan, batch_size)
-        assert self.build is not None
-        return PerEps(self.build, classifier, eps_values, plan, batch_size, reseed, self.run)
 
 
 ATTACKS: Registry[AttackEntry] = Registry("attack")
@@ -165,18 +222,39 @@ def croce_step(eps: float, steps: int) -> float:
     return 2.0 * eps
 
 
-def _pgd(classifier: Any, eps: float, plan: Plan, batch_size: int) -> Any:
-    return art_adapter.pgd(classifier, eps=eps, norm=plan.norm, steps=plan.steps, step_size=plan.step_size_at(eps),
-                           random_inits=plan.restarts, batch_size=batch_size)
+def _sweep(classifier: Any, eps_values: Sequence[float], plan: Plan, batch_size: int,
+           reseed: Callable[[float, str], None], num_classes: int) -> Prepared:
+    return SweepFGSM(classifier, plan, num_classes)
 
 
-def _apgd(loss_type: str) -> Callable[..., Any]:
-    def build(classifier: Any, eps: float, plan: Plan, batch_size: int) -> Any:
-        return art_adapter.apgd(classifier, eps=eps, norm=plan.norm, steps=plan.steps,
-                                step_size=plan.step_size_at(eps), restarts=plan.restarts, batch_size=batch_size,
-                                loss_type=loss_type)
+def _pgd(classifier: Any, eps_values: Sequence[float], plan: Plan, batch_size: int,
+         reseed: Callable[[float, str], None], num_classes: int) -> Prepared:
+    def build(classifier: Any, eps: float, plan: Plan, batch_size: int) -> Callable[..., torch.Tensor]:
+        return lambda x, y: art_adapter.pgd(classifier, x, y, eps=eps, norm=plan.norm, steps=plan.steps,
+                                            step_size=plan.step_size_at(eps), restarts=plan.restarts,
+                                            num_classes=num_classes)
 
-    return build
+    return PerEps(build, classifier, eps_values, plan, batch_size, reseed, num_classes)
+
+
+def _art(make: Callable[[Any, float, Plan, int], Any]) -> Callable[..., Prepared]:
+    """An ART attack object per eps, run through ``generate`` with the true labels."""
+
+    def prepare(classifier: Any, eps_values: Sequence[float], plan: Plan, batch_size: int,
+                reseed: Callable[[float, str], None], num_classes: int) -> Prepared:
+        def build(classifier: Any, eps: float, plan: Plan, batch_size: int) -> Callable[..., torch.Tensor]:
+            attack = make(classifier, eps, plan, batch_size)
+            return lambda x, y: art_adapter.generate(attack, x, y, num_classes)
+
+        return PerEps(build, classifier, eps_values, plan, batch_size, reseed, num_classes)
+
+    return prepare
+
+
+def _apgd(loss_type: str) -> Callable[[Any, float, Plan, int], Any]:
+    return lambda classifier, eps, plan, batch_size: art_adapter.apgd(
+        classifier, eps=eps, norm=plan.norm, steps=plan.steps, step_size=plan.step_size_at(eps),
+        restarts=plan.restarts, batch_size=batch_size, loss_type=loss_type)
 
 
 def _square(classifier: Any, eps: float, plan: Plan, batch_size: int) -> Any:
@@ -186,26 +264,32 @@ def _square(classifier: Any, eps: float, plan: Plan, batch_size: int) -> Any:
 
 ATTACKS.register("fgsm", help="Fast Gradient Sign Method (L-inf) / Fast Gradient Method (L2); one gradient per "
                  "batch for the whole eps sweep")(
-    AttackEntry(white_box=True, default_steps=0, step_rule=lambda eps, steps: eps, random_start="never", sweep=True))
+    AttackEntry(white_box=True, default_steps=0, step_rule=lambda eps, steps: eps, random_start="never",
+                prepare=_sweep))
 ATTACKS.register("pgd", help="Projected Gradient Descent (Madry et al.); --steps (10), --step-size (2.5*eps/steps), "
-                 "--random-start, --restarts")(
-    AttackEntry(white_box=True, default_steps=10, step_rule=madry_step, random_start="optional", build=_pgd,
-                run=art_adapter.pgd_generate))
+                 "--random-start, --restarts; per example the first iterate that fools the model is kept")(
+    AttackEntry(white_box=True, default_steps=10, step_rule=madry_step, random_start="optional", prepare=_pgd))
 ATTACKS.register("apgd-ce", help="Auto-PGD on cross-entropy (Croce & Hein 2020); --steps (100), --restarts")(
     AttackEntry(white_box=True, default_steps=100, step_rule=croce_step, random_start="always",
-                build=_apgd("cross_entropy")))
+                prepare=_art(_apgd("cross_entropy"))))
 ATTACKS.register("apgd-dlr", help="Auto-PGD on the difference-of-logits ratio (needs >= 3 classes)")(
     AttackEntry(white_box=True, default_steps=100, step_rule=croce_step, random_start="always",
-                build=_apgd("difference_logits_ratio"), min_classes=3))
+                prepare=_art(_apgd("difference_logits_ratio")), min_classes=3))
 ATTACKS.register("square", help="Square Attack: black-box, score-based; --steps = queries (1000), --restarts")(
     AttackEntry(white_box=False, default_steps=1000, step_rule=lambda eps, steps: 0.0, random_start="always",
-                build=_square))
+                prepare=_art(_square)))
+ATTACKS.register("autoattack",
+                 help="AutoAttack, standard version, as a cascade: APGD-CE (--steps, 100), APGD-T on DLR (9 target "
+                 "classes), Square (5,000 queries), each on the examples still robust; no FAB-T (ART has none); "
+                 "needs >= 3 classes")(
+    AttackEntry(white_box=True, default_steps=100, step_rule=croce_step, random_start="always",
+                prepare=AutoAttack, min_classes=3, fixed_restarts=1))
 
 
 def parse_attacks(text: str | Sequence[str]) -> tuple[str, ...]:
     """"fgsm,pgd" -> ("fgsm", "pgd"), each checked against the registry (did-you-mean on a typo), no duplicates."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
-    names = [n for n in names if n]
+    names = [ALIASES.get(n, n) for n in names if n]
     if not names:
         raise UserError(f"--attack needs at least one attack name; known: {', '.join(ATTACKS.names())}")
     for name in names:
@@ -218,8 +302,10 @@ def parse_attacks(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_eps(text: str | float | Sequence[str | float]) -> tuple[float, ...]:
-    """"1/255,2/255,0.03" -> sorted unique floats in [0, 1] pixel units."""
+def parse_eps(text: str | float | Sequence[str | float], norm: str = "linf") -> tuple[float, ...]:
+    """"1/255,2/255,0.03" -> sorted unique floats in pixel units: in [0, 1] for linf; >= 0 for l2, where the field's
+    radii go past 1 (RobustBench's CIFAR-10 L2 eps is 0.5, ImageNet's common one 3.0; ``check_eps`` bounds them by
+    the image's diameter once its shape is known)."""
     items = text.split(",") if isinstance(text, str) else ([text] if isinstance(text, (int, float)) else list(text))
     values = []
     for item in items:
@@ -234,10 +320,24 @@ def parse_eps(text: str | float | Sequence[str | float]) -> tuple[float, ...]:
                 value = float(num) / float(den) if sep else float(num)
             except (ValueError, ZeroDivisionError):
                 raise UserError(f"bad eps {item!r}: give floats or k/255 fractions, e.g. 1/255,2/255,0.03") from None
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        if norm == "l2":
+            if not (math.isfinite(value) and value >= 0.0):
+                raise UserError(f"L2 eps {item} = {value:g} must be a finite number >= 0 (pixel units, e.g. 0.5)")
+        elif not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise UserError(f"eps {item} = {value:g} is outside [0, 1]: eps is in pixel units of images in [0, 1] "
                             "(use 8/255, not 8)")
         values.append(value)
     if not values:
         raise UserError("--eps needs at least one value, e.g. --eps 1/255,2/255,4/255")
     return tuple(sorted(set(values)))
+
+
+def check_eps(eps: Sequence[float], norm: str, input_shape: Sequence[int]) -> None:
+    """An L2 eps above sqrt(C*H*W), the diameter of the [0, 1] image cube, reaches every image: a user error."""
+    if norm != "l2":
+        return
+    limit = math.sqrt(math.prod(input_shape))
+    too_big = [e for e in eps if e > limit + 1e-9]
+    if too_big:
+        raise UserError(f"L2 eps {too_big[0]:g} exceeds sqrt(C*H*W) = {limit:.4g} for {tuple(input_shape)} images: "
+                        "every image is within that distance of any other; use a smaller eps")

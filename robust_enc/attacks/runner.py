@@ -33,8 +33,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from robust_enc.attacks import art_adapter
-from robust_enc.attacks.checks import RowStats, check_rows
-from robust_enc.attacks.registry import ATTACKS, AttackSettings, Plan, Prepared, SweepFGSM, parse_attacks, parse_eps
+from robust_enc.attacks.checks import RowStats, check_rows, flag_lines
+from robust_enc.attacks.registry import (
+    ATTACKS,
+    AttackSettings,
+    Plan,
+    Prepared,
+    SweepFGSM,
+    check_eps,
+    parse_attacks,
+    parse_eps,
+)
 from robust_enc.attacks.state import (
     ShardSampler,
     Tallies,
@@ -56,8 +65,8 @@ from robust_enc.results import ResultRow, append_results, check_results_target, 
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "fgsm-reference"  # tallies of the FGSM reference the checks compare with when fgsm is not run (no row)
-PROGRESS_FORMAT = 2  # bump when the tallies' keys or fields change: older progress files are then not resumed
+REFERENCE = "fgsm-reference"  # the FGSM step the checks compare with when fgsm is not in the run (no row)
+PROGRESS_FORMAT = 3  # bump when the tallies' keys or fields change: older progress files are then not resumed
 ROUNDTRIP_EXAMPLES = 16  # examples of each session's first batch that ART's predict re-classifies (the eps-0 check)
 
 
@@ -159,9 +168,6 @@ class _Run:
             for e in eps:
                 self.tallies[tally_key("worst", e)] = new_tally()
         self.use_reference = all(plan.name != "fgsm" for plan in plans)
-        if self.use_reference:
-            for e in eps:
-                self.tallies[tally_key(REFERENCE, e)] = new_tally()
         self.batch = 0  # global index of the batch being attacked (seeds random starts)
         self.prepared: dict[str, Prepared] = {}
         self.gradient: SweepFGSM | None = None  # the per-batch clean gradient: FGSM's own, or the reference's
@@ -174,17 +180,19 @@ class _Run:
         for plan in self.plans:
             entry = ATTACKS.get(plan.name)
 
-            def reseed(eps: float, name: str = plan.name) -> None:
-                seed_everything(seed_for(self.config.seed, self.batch, name, eps))
+            def reseed(eps: float, stage: str, name: str = plan.name) -> None:
+                seed_everything(seed_for(self.config.seed, self.batch, f"{name}/{stage}" if stage else name, eps))
 
             try:
-                self.prepared[plan.name] = entry.prepare(classifier, self.eps, plan, self.config.batch_size, reseed)
+                self.prepared[plan.name] = entry.prepare(classifier, self.eps, plan, self.config.batch_size, reseed,
+                                                         self.info.num_classes)
             except (ValueError, TypeError) as err:
                 raise UserError(f"attack {plan.name}: ART rejected the settings ({err})") from None
         if self.use_reference:  # no fgsm in the run: the checks still need one gradient per batch
             entry = ATTACKS.get("fgsm")
             plan = entry.plan("fgsm", self.config.settings(), self.info.num_classes)
-            self.gradient = entry.prepare(classifier, self.eps, plan, self.config.batch_size, lambda eps: None)
+            self.gradient = entry.prepare(classifier, self.eps, plan, self.config.batch_size,
+                                          lambda eps, stage: None, self.info.num_classes)
         else:
             self.gradient = self.prepared["fgsm"]
         assert isinstance(self.gradient, SweepFGSM)
@@ -225,16 +233,15 @@ class _Run:
         # Attack only what is right clean: the rest is not robust whatever the attack does.
         attack_mask = clean5 if self.topk else clean1
         idx = attack_mask.nonzero().squeeze(1)
-        idx_cpu = idx.cpu()
-        x_np = art_adapter.to_numpy_images(x_cpu[idx_cpu])
-        y_np = art_adapter.one_hot(y_cpu[idx_cpu], self.info.num_classes)
         xa, ya = x[idx], y[idx]
         worst = {e: [clean1.clone(), clean5.clone(), 0.0] for e in self.eps}
+        robust: dict[str, dict[float, torch.Tensor]] = {}  # attack -> eps -> [B] top-1 robust, for the checks
         for plan in self.plans:
             prepared = self.prepared[plan.name]
+            robust[plan.name] = {}
             started = time.perf_counter()
             if len(idx):
-                prepared.start(x_np, y_np)
+                prepared.start(xa, ya)
             shared = (time.perf_counter() - started) / len(self.eps)  # FGSM's one gradient, split over the sweep
             for e in self.eps:
                 started = time.perf_counter()
@@ -243,8 +250,9 @@ class _Run:
                 t["clean1"] += int(clean1.sum())
                 t["clean5"] += int(clean5.sum())
                 t["attacked"] += len(idx)
+                adv1 = clean1.clone()
                 if len(idx):
-                    x_adv = torch.from_numpy(prepared.at(e)).to(device)
+                    x_adv = prepared.at(e)
                     with torch.no_grad():
                         ok1_sub, ok5_sub = self._correct(model(x_adv), ya)
                     ok1 = torch.zeros_like(clean1)
@@ -265,11 +273,13 @@ class _Run:
                     w = worst[e]
                     w[0] &= adv1
                     w[1] &= adv5
+                robust[plan.name][e] = adv1
                 elapsed = time.perf_counter() - started + shared
                 t["wall_s"] += elapsed
                 worst[e][2] += elapsed
         if len(idx):
-            self._gradient_checks(x_np, y_np, ya, idx, clean1)
+            self._gradient_checks(xa, ya, idx, clean1, robust)
+        self._count_disagreements(robust)
         if self.multi:
             for e, (w1, w5, elapsed) in worst.items():
                 t = self.tallies[tally_key("worst", e)]
@@ -286,26 +296,50 @@ class _Run:
                     t["max_pert"] = max(t["max_pert"], sub["max_pert"])
                     t["box_excess"] = max(t["box_excess"], sub["box_excess"])
 
-    def _gradient_checks(self, x_np: Any, y_np: Any, ya: torch.Tensor, idx: torch.Tensor,
-                         clean1: torch.Tensor) -> None:
+    def _gradient_checks(self, xa: torch.Tensor, ya: torch.Tensor, idx: torch.Tensor, clean1: torch.Tensor,
+                         robust: dict[str, dict[float, torch.Tensor]]) -> None:
         """Zero-gradient count and, without fgsm in the run, the FGSM reference: from one clean loss gradient per
         batch (FGSM's own when it runs: no extra cost), then one forward pass per eps. Its time goes to the clean
         row (the sanity checks' share of the run)."""
         started = time.perf_counter()
         assert self.gradient is not None
         if self.use_reference:
-            self.gradient.start(x_np, y_np)
+            self.gradient.start(xa, ya)
+            robust[REFERENCE] = {}
             for e in self.eps:
                 with torch.no_grad():
-                    ok = self.model(torch.from_numpy(self.gradient.at(e)).to(self.device)).argmax(1) == ya
-                t = self.tallies[tally_key(REFERENCE, e)]
-                t["n"] += len(clean1)
-                t["clean1"] += int(clean1.sum())
-                t["adv1"] += int((clean1[idx] & ok).sum())  # robust: right clean and under the FGSM step
+                    ok = self.model(self.gradient.at(e)).argmax(1) == ya
+                robust[REFERENCE][e] = clean1.clone()
+                robust[REFERENCE][e][idx] = ok  # robust: right clean and under the FGSM step
         clean = self.tallies[tally_key("none", 0.0)]
         clean["zero_grad"] += int(self.gradient.zero_gradient.sum())
         clean["attacked"] += len(idx)
         clean["wall_s"] += time.perf_counter() - started
+
+    def _count_disagreements(self, robust: dict[str, dict[float, torch.Tensor]]) -> None:
+        """The per-example inputs of the sanity checks' tests (``checks.py``), summed per (attack, eps) row:
+        examples a reference attack broke that this attack left robust and the other way round (reference: one FGSM
+        step for an iterative white-box attack; the per-example worst case of the iterative white-box attacks for a
+        black-box one), and examples broken at the previous eps but not at this one and the other way round."""
+        fgsm = robust.get("fgsm") or robust.get(REFERENCE) or {}
+        white = [robust[p.name] for p in self.plans if p.white_box and p.iterative]
+        for plan in self.plans:
+            mine = robust[plan.name]
+            previous = None
+            for e in self.eps:
+                t = self.tallies[tally_key(plan.name, e)]
+                reference = None
+                if plan.white_box and plan.iterative and e in fgsm:
+                    reference = fgsm[e]
+                elif not plan.white_box and white:
+                    reference = torch.stack([w[e] for w in white]).all(0)
+                if reference is not None:
+                    t["ref_only"] += int((~reference & mine[e]).sum())
+                    t["self_only"] += int((reference & ~mine[e]).sum())
+                if previous is not None:
+                    t["prev_eps_only"] += int((~previous & mine[e]).sum())
+                    t["this_eps_only"] += int((previous & ~mine[e]).sum())
+                previous = mine[e]
 
     def running(self) -> dict[str, float]:
         """Robust accuracy so far at the largest eps, per attack (and worst)."""
@@ -363,10 +397,10 @@ def _rows(run: _Run, provenance: Provenance, gbr: dict[str, Any]) -> list[Result
             t = run.tallies[tally_key(plan.name, e)]
             rows.append(row(plan.name, plan.norm, e, t, steps=plan.steps,
                             step_size=plan.step_size_at(e) if e > 0 else 0.0, restarts=plan.restarts))
-            ref = run.tallies.get(tally_key(REFERENCE, e))
             stats.append(RowStats(max_perturbation=t["max_pert"], box_excess=t["box_excess"],
                                   white_box=plan.white_box, iterative=plan.iterative, non_finite=int(t["nonfinite"]),
-                                  fgsm_reference=ref["adv1"] / ref["n"] if ref and ref["n"] else math.nan,
+                                  ref_only=int(t["ref_only"]), self_only=int(t["self_only"]),
+                                  prev_eps_only=int(t["prev_eps_only"]), this_eps_only=int(t["this_eps_only"]),
                                   **model_facts))
     if run.multi:
         for e in run.eps:
@@ -401,9 +435,10 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
     """The loop shared by ``evaluate`` and ``benchmark``. Returns [] when stopped by ``max_batches`` (progress kept
     for a later call to resume); otherwise the checked rows, appended to ``out`` by rank 0 when ``out`` is given."""
     attacks = parse_attacks(config.attacks)
-    eps = parse_eps(config.eps)
     if config.norm not in art_adapter.NORMS:
         raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
+    eps = parse_eps(config.eps, config.norm)
+    check_eps(eps, config.norm, info.input_shape)
     if config.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     if len(dataset) == 0:
@@ -466,6 +501,10 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
                             "failed to load, see the warnings): fix or replace the files, or pass another --dataset")
         rows = _rows(run, provenance, _gbr_columns(gbr_sums))
+        flagged = flag_lines(rows)
+        if flagged and rank == 0:  # one line per run, on one process; the command line shows them in a panel
+            log.warning("sanity checks flagged %d rows of %s: %s", len(flagged), provenance.run_id,
+                        " | ".join(line.split(" ", 1)[1] for line in flagged))
         if out is not None and rank == 0:
             append_results(out, rows)
             log.info("wrote %d rows to %s", len(rows), out)
@@ -536,9 +575,9 @@ def evaluate(config: AttackConfig, *, max_batches: int | None = None,
 
     Everything the user can get wrong is checked before the first batch (UserError)."""
     parse_attacks(config.attacks)
-    parse_eps(config.eps)
     if config.norm not in art_adapter.NORMS:
         raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
+    parse_eps(config.eps, config.norm)
     if config.checkpoint:
         model, provenance, ckpt_info, (classes, shape) = load_model(config)
         dataset_name = config.dataset or (ckpt_info.name if ckpt_info else "")
@@ -595,7 +634,7 @@ def benchmark(model: nn.Module, dataset: str | Dataset = "digits", *, attacks: S
     from robust_enc.models import weight_norms
 
     config = AttackConfig(dataset=info.name, split=info.split, subset=info.subset, batch_size=batch_size,
-                          device=device, attacks=tuple(attacks), eps=parse_eps(eps), norm=norm, steps=steps,
+                          device=device, attacks=tuple(attacks), eps=parse_eps(eps, norm), norm=norm, steps=steps,
                           step_size=step_size, random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
     provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
                             checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),

@@ -21,9 +21,11 @@ from robust_enc.io import write_text_atomic
 log = logging.getLogger(__name__)
 
 # zero_grad / attacked on the clean tally: examples with an all-zero clean loss gradient / examples it was taken on;
-# roundtrip_*: examples whose ART predict (numpy round trip) was compared with the clean pass / disagreed.
+# roundtrip_*: examples whose ART predict (numpy round trip) was compared with the clean pass / disagreed;
+# ref_only / self_only: examples only the row's reference attack / only the row's attack broke; prev_eps_only /
+# this_eps_only: examples the same attack broke only at the previous eps / only at this one (the checks' inputs).
 SUM_FIELDS = ("n", "clean1", "clean5", "adv1", "adv5", "attacked", "zero_grad", "prob_like", "nonfinite",
-              "roundtrip_checked", "roundtrip_mismatch")
+              "roundtrip_checked", "roundtrip_mismatch", "ref_only", "self_only", "prev_eps_only", "this_eps_only")
 MAX_FIELDS = ("max_pert", "box_excess", "wall_s")  # wall_s: summed over batches, max over ranks
 Tallies = dict[str, dict[str, float]]  # "attack@eps" -> counts and maxima
 

@@ -23,7 +23,7 @@ from robust_enc.reports.tables import threat_columns
 
 MISSING = "—"
 ATTACK_LABELS = {"none": "clean", "fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR",
-                 "square": "Square", "worst": "worst case"}
+                 "square": "Square", "autoattack": "AutoAttack", "worst": "worst case"}
 NORM_LABELS = {"linf": "L∞", "l2": "L2", "none": ""}
 WEIGHT_NORM = "Σ‖W‖²"  # sum over conv/linear layers of ||W||_F^2
 # The scale-free companions of GBR (results columns -> headers): logits scaled by c change GBR by c^2, not these.
