@@ -276,12 +276,13 @@ def test_worst_is_the_per_example_and_not_the_minimum_of_the_totals(trained):
 @pytest.mark.slow
 def test_autoattack_is_at_least_as_strong_as_torchattacks_autoattack(trained):
     """The suite's cascade (APGD-CE, APGD-T, Square through ART) against torchattacks' independent standard
-    AutoAttack (which also runs FAB-T): robust accuracy at most 0.5 points above it, on 100 test images."""
+    AutoAttack (which also runs FAB-T): robust accuracy at most 0.5 points above it, on 40 test images (at 16/255
+    some stay robust, so the later stages run too)."""
     torchattacks = pytest.importorskip("torchattacks")
     model, _, _ = trained
-    eps = 32 / 255
-    data, info = build_dataset("digits", "test", subset=100)
-    rows = benchmark(model, data, info=info, attacks=("aa",), eps=(eps,), device="cpu", batch_size=100)
+    eps = 16 / 255
+    data, info = build_dataset("digits", "test", subset=40)
+    rows = benchmark(model, data, info=info, attacks=("aa",), eps=(eps,), device="cpu", batch_size=40)
     suite = {r.attack: r for r in rows}
     assert set(suite) == {"none", "autoattack"} and suite["autoattack"].steps == 100 and not suite["autoattack"].flags
     x, y = data.x, data.y
