@@ -285,7 +285,7 @@ def test_autoattack_is_at_least_as_strong_as_torchattacks_autoattack(trained):
     rows = benchmark(model, data, info=info, attacks=("aa",), eps=(eps,), device="cpu", batch_size=40)
     suite = {r.attack: r for r in rows}
     assert set(suite) == {"none", "autoattack"} and suite["autoattack"].steps == 100 and not suite["autoattack"].flags
-    x, y = data.x, data.y
+    x, y = next(iter(build_loader(data, batch_size=len(data))))
     with art_adapter.frozen(model):
         reference = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
         x_adv = reference(x, y)
