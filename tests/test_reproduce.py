@@ -11,7 +11,7 @@ import pytest
 
 import robust_enc.reports
 from robust_enc.cli import main
-from robust_enc.reproduce import PRESET_NAMES, _attack_done, load_preset, plan
+from robust_enc.reproduce import PRESET_NAMES, _attack_done, load_preset, plan, sweep_plan
 from robust_enc.results import read_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,8 +36,10 @@ def test_shipped_presets_load_and_plan(tmp_path, name):
     assert "baseline" in preset.rows and "enc" in preset.rows
     pairs = plan(preset, tmp_path)  # validates every spec and setting, touches no data
     assert len(pairs) == len(preset.rows) * len(preset.seeds) * 2  # FGSM/PGD sweep, then AutoAttack at one eps
-    assert [a.attacks for _, a in pairs[:2]] == [("fgsm", "pgd"), ("autoattack",)]
+    assert "fgsm" in pairs[0][1].attacks and pairs[1][1].attacks == ("autoattack",)
     assert [a.gbr for _, a in pairs[:2]] == [True, False]  # GBR measured once per model
+    sweep = sweep_plan(preset, tmp_path)
+    assert all(c.regularizer == "baseline" and "-wd" in c.run_id for c in sweep)
     assert not any(tmp_path.iterdir())
 
 
