@@ -56,3 +56,21 @@ def write_section(name: str, markdown: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     write_text_atomic(BENCHMARKS_MD, text)
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], rounds: int,
+              sync: bool) -> tuple[list[float], list[float]]:
+    """Seconds of a and b over ``rounds`` rounds, swapping which goes first each round; one warm-up of each."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        order = [(0, a), (1, b)][:: 1 if r % 2 == 0 else -1]
+        for k, fn in order:
+            if sync:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - start)
+    return times

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from benchmarks._common import machine, write_section
+from benchmarks._common import alternate, machine, write_section
 from robust_enc.attacks import benchmark
 from robust_enc.checkpoint import state_hash
 from robust_enc.data import DatasetInfo, build_dataset, build_loader
@@ -75,18 +75,8 @@ def bare_attack(model: nn.Module, loader, *, eps: float, steps: int, device: tor
 def interleaved(suite: Callable[[], object], bare: Callable[[], object], rounds: int,
                 sync: bool) -> tuple[float, float, float]:
     """Median seconds of suite and bare, and the median per-round ratio; one warm-up of each first."""
-    suite(), bare()
-    times: dict[str, list[float]] = {"suite": [], "bare": []}
-    for r in range(rounds):
-        order = [("suite", suite), ("bare", bare)][:: 1 if r % 2 == 0 else -1]
-        for name, fn in order:
-            if sync:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    suite_s, bare_s = alternate(suite, bare, rounds, sync)
+    times = {"suite": suite_s, "bare": bare_s}
     ratios = [s / b for s, b in zip(times["suite"], times["bare"])]
     return statistics.median(times["suite"]), statistics.median(times["bare"]), statistics.median(ratios)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks._common import machine, write_section
+from benchmarks._common import alternate, machine, write_section
 from robust_enc.attacks import benchmark
 from robust_enc.data import build_dataset, build_loader
 from robust_enc.imagenet import canonical_wnids
@@ -54,24 +54,6 @@ def write_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), classes:
         Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
         total += path.stat().st_size
     return total
-
-
-def alternate(a: Callable[[], object], b: Callable[[], object], rounds: int,
-              sync: bool) -> tuple[list[float], list[float]]:
-    """Seconds of a and b over ``rounds`` rounds, swapping which goes first each round; one warm-up of each."""
-    a(), b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for r in range(rounds):
-        order = [(0, a), (1, b)][:: 1 if r % 2 == 0 else -1]
-        for k, fn in order:
-            if sync:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - start)
-    return times
 
 
 def read_all(dataset, batch_size: int, workers: int) -> int:
