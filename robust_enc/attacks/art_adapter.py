@@ -180,21 +180,26 @@ def pgd(classifier, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, 
     y_one_hot = nn.functional.one_hot(y, num_classes).to(x.dtype)
     x_out = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    per_image = (-1, *([1] * (x.dim() - 1)))  # a [B] mask viewed to broadcast over [B, C, H, W]
     for restart in range(max(restarts, 1)):
-        todo = (~fooled).nonzero().squeeze(1)
-        if restart and not len(todo):
-            break
-        xs, ys, y1 = (x, y, y_one_hot) if restart == 0 else (x[todo], y[todo], y_one_hot[todo])
+        if restart == 0:
+            xs, ys, y1 = x, y, y_one_hot
+        else:
+            todo = (~fooled).nonzero().squeeze(1)  # one host read per restart, not per step
+            if not len(todo):
+                break
+            xs, ys, y1 = x[todo], y[todo], y_one_hot[todo]
         x_adv = random_start(xs, eps, norm) if restarts else xs.clone()
-        best = x_adv.clone()
+        best = x_adv  # replaced by torch.where below, never written in place
         found = torch.zeros(len(xs), dtype=torch.bool, device=x.device)
         for _ in range(steps):
             grad, logits = loss_gradient(classifier, x_adv, y1)
             new = (logits.argmax(1) != ys) & ~found
-            best[new] = x_adv[new]
+            # torch.where, not best[new] = x_adv[new]: boolean indexing reads the mask's count on the host every step.
+            best = torch.where(new.view(per_image), x_adv, best)
             found |= new
             x_adv = project(x_adv + step_size * direction(grad, norm), xs, eps, norm)
-        x_adv = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
+        x_adv = torch.where(found.view(per_image), best, x_adv)
         if restart < max(restarts, 1) - 1:  # the last iterate may fool too; the next restart skips what is fooled
             with torch.no_grad():
                 found |= classifier.model(x_adv).argmax(1) != ys
