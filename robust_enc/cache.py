@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from robust_enc.data import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, to_float
+from robust_enc.data import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, levels_of, to_float
 from robust_enc.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,19 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def uint8_item(self, i: int) -> tuple[torch.Tensor, int]:
+        """The stored decoded image, uint8 (3, S, S)."""
         if self._images is None:
             self._images = np.load(self.folder / "images.npy", mmap_mode="r")
-        return self.finish(torch.from_numpy(np.array(self._images[i]))), self.targets[i]
+        return torch.from_numpy(np.array(self._images[i])), self.targets[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, label = self.uint8_item(i)
+        return self.finish(x), label
+
+    @property
+    def uint8_levels(self) -> torch.Tensor:
+        return levels_of(self.finish)
 
     def __getstate__(self) -> dict[str, Any]:  # spawned workers get the path, not the mapping
         return {**self.__dict__, "_images": None}

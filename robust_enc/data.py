@@ -2,6 +2,10 @@
 
 Normalization lives inside the model (``models.Normalize``), so attack eps is in pixel units. Small sets (digits,
 Fashion-MNIST, CIFAR) sit in memory; ImageNet and other image folders stream through DataLoader workers.
+
+Sets made of bytes (Fashion-MNIST, CIFAR, image files, the decode cache) also have a uint8 form: ``build_loader(...,
+uint8=True)`` has its workers send the bytes (a quarter of float32's), and ``to_float_images`` converts a batch on the
+device through a 256-entry table of the set's own conversion, so the floats are bit for bit the items' on any device.
 """
 
 from __future__ import annotations
@@ -66,19 +70,40 @@ Builder = Callable[..., tuple[Dataset, DatasetInfo]]
 DATASETS: Registry[Builder] = Registry("dataset")
 
 
-class TensorImages(Dataset):
-    """In-memory images (N, C, H, W) float in [0, 1] with int64 labels; an optional per-item transform."""
+def bytes_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 k -> float32 k / 255 (a true division): how Fashion-MNIST and CIFAR images have always been scaled."""
+    return x.float().div_(255)
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Callable | None = None) -> None:
-        assert x.dtype == torch.float32 and x.ndim == 4 and len(x) == len(y)
-        self.x, self.y, self.transform = x, y.long(), transform
+
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W) with int64 labels; an optional per-item transform (crops and flips: they move
+    pixels, so they commute with the scaling). ``images``: float32 in [0, 1], or uint8 k standing for k / 255 (a
+    quarter of the memory); items always come out float32."""
+
+    def __init__(self, images: torch.Tensor, y: torch.Tensor, transform: Callable | None = None) -> None:
+        assert images.dtype in (torch.float32, torch.uint8) and images.ndim == 4 and len(images) == len(y)
+        self.images, self.y, self.transform = images, y.long(), transform
+
+    @property
+    def x(self) -> torch.Tensor:
+        """All images as float32 [N, C, H, W] in [0, 1] (converted on each access when stored as bytes)."""
+        return bytes_to_unit(self.images) if self.images.dtype == torch.uint8 else self.images
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.images)
+
+    def uint8_item(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), int(self.y[i])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.x[i]
-        return (self.transform(x) if self.transform else x), int(self.y[i])
+        x, label = self.uint8_item(i)
+        return (bytes_to_unit(x) if x.dtype == torch.uint8 else x), label
+
+    @property
+    def uint8_levels(self) -> torch.Tensor | None:
+        """[256] float32: the value of each byte (None: stored as floats, no uint8 form)."""
+        return bytes_to_unit(torch.arange(256, dtype=torch.uint8)) if self.images.dtype == torch.uint8 else None
 
     @property
     def targets(self) -> list[int]:
@@ -173,7 +198,7 @@ def build_fashion_mnist(split: str, *, data_dir: str | None = None, download: bo
     if image_array.ndim != 3 or label_array.ndim != 1 or len(image_array) != len(label_array):
         raise UserError(f"{images} {image_array.shape} and {labels} {label_array.shape} are not matching images and "
                         "labels; reinstall dataset-fashion-mnist or download the files again with --download")
-    x = torch.from_numpy(image_array.copy()).float().div_(255).unsqueeze(1)
+    x = torch.from_numpy(image_array.copy()).unsqueeze(1)  # uint8: scaled to [0, 1] per item (bytes_to_unit)
     y = torch.from_numpy(label_array.astype(np.int64))
     data = TensorImages(x, y, _train_augment(28, flip=True) if augment else None)
     # Mean/std of the training images (measured: 0.2860 / 0.3530).
@@ -194,7 +219,7 @@ def _build_cifar(cls_name: str, registry_name: str, num_classes: int, mean: tupl
             ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=download)
         except RuntimeError as err:
             raise UserError(f"{registry_name} not found under {root} ({err}); pass --data-dir or --download") from None
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255).contiguous()
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # uint8, scaled per item
         data = TensorImages(x, torch.tensor(ds.targets), _train_augment(32, flip=True) if augment else None)
         info = DatasetInfo(registry_name, split, num_classes, (3, 32, 32), mean, std, len(data),
                            class_names=tuple(ds.classes))
@@ -214,20 +239,22 @@ class UnreadableImage(Exception):
 
 
 class ImageFiles(Dataset):
-    """Image files with known labels: ``samples`` = [(path, label)], decoded with ``transform``. A corrupt file
-    survives: its item gets label -1, is logged by path, counted in a counter shared with DataLoader workers, and
-    dropped by ``collate_readable``."""
+    """Image files with known labels: ``samples`` = [(path, label)], decoded with ``transform``, then ``finish``
+    (None: the transform's output is final). A corrupt file survives: its item gets label -1, is logged by path,
+    counted in a counter shared with DataLoader workers, and dropped by ``collate_readable``."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable,
+                 finish: Callable | None = None) -> None:
         self.samples = [(str(path), int(label)) for path, label in samples]
         self.targets = [label for _, label in self.samples]
-        self.transform = transform
+        self.transform, self.finish = transform, finish
         self.unreadable = multiprocessing.Value("i", 0)  # shared memory: forked workers add to the same count
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def uint8_item(self, i: int) -> tuple[torch.Tensor, int]:
+        """The decoded image before ``finish`` (uint8 for the standard transforms)."""
         from torchvision.datasets.folder import default_loader
 
         path, label = self.samples[i]
@@ -239,18 +266,26 @@ class ImageFiles(Dataset):
             log.warning("skipping unreadable image %s (%s)", path, err)
             return torch.zeros(0), -1
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, label = self.uint8_item(i)
+        return (self.finish(x) if self.finish is not None and label >= 0 else x), label
+
+    @property
+    def uint8_levels(self) -> torch.Tensor | None:
+        return levels_of(self.finish) if self.finish is not None else None
+
 
 class SafeImageFolder(ImageFiles):
     """torchvision ImageFolder (classes = the folders present, sorted) that survives corrupt files (``ImageFiles``)."""
 
-    def __init__(self, root: Path, transform: Callable) -> None:
+    def __init__(self, root: Path, transform: Callable, finish: Callable | None = None) -> None:
         from torchvision.datasets import ImageFolder
 
         try:
             folder = ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as err:
             raise UserError(f"cannot read image folder {root}: {err}") from None
-        super().__init__(folder.samples, transform)
+        super().__init__(folder.samples, transform, finish)
         self.classes = tuple(folder.classes)
 
 
@@ -282,20 +317,27 @@ def eval_decode_transform(image_size: int) -> Callable:
 
 
 def to_float() -> Callable:
-    """uint8 image -> float32 in [0, 1]: the last step of the evaluation transform, cached or not."""
+    """uint8 image -> float32 in [0, 1]: the last step of the evaluation transform, cached or not (torchvision's
+    scaling, a multiplication by 1/255: in float32 it differs from ``bytes_to_unit``'s division for 126 of 256 bytes,
+    so each set keeps its own)."""
     from torchvision.transforms import v2
 
     return v2.ToDtype(torch.float32, scale=True)
 
 
+def levels_of(finish: Callable) -> torch.Tensor:
+    """[256] float32: what ``finish`` makes of each byte value (an element-wise conversion is then a table lookup)."""
+    return finish(torch.arange(256, dtype=torch.uint8).view(1, 1, 256)).flatten()
+
+
 def _image_folder_transform(train: bool, image_size: int) -> Callable:
+    """Decode to uint8 (3, S, S); ``to_float`` finishes it."""
     from torchvision.transforms import v2
 
     # The standard ImageNet recipes: random-resized crop + flip for training; resize 256 / centre crop 224 to evaluate.
     if train:
-        return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
-                           to_float()])
-    return v2.Compose([eval_decode_transform(image_size), to_float()])
+        return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+    return eval_decode_transform(image_size)
 
 
 @DATASETS.register("imagenet", eval_split="val",
@@ -311,7 +353,7 @@ def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = F
     size = image_size or 224
     layout, samples = imagenet.find_samples(Path(data_dir), split)
     log.info("imagenet %s: %d images, %s layout", split, len(samples), layout)
-    data = ImageFiles(samples, _image_folder_transform(augment, size))
+    data = ImageFiles(samples, _image_folder_transform(augment, size), to_float())
     # Always the 1,000 classes in the standard order, whatever subset of them is on disk: a pretrained model's outputs.
     return data, DatasetInfo("imagenet", split, imagenet.NUM_CLASSES, (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
                              len(data), class_names=imagenet.class_names())
@@ -331,7 +373,7 @@ def build_folder(split: str, *, argument: str, augment: bool = False, image_size
         raise UserError(f"folder:{argument} has train/ but no {split}/ subfolder: add {argument}/{split}/<class>/ or "
                         "choose a split it has")
     size = image_size or 224
-    data = SafeImageFolder(root, _image_folder_transform(augment, size))
+    data = SafeImageFolder(root, _image_folder_transform(augment, size), to_float())
     classes = data.classes
     return data, DatasetInfo(f"folder:{argument}", split, len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
                              len(data), class_names=classes)
@@ -445,7 +487,7 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
         if not isinstance(dataset, ImageFiles):
             raise UserError(f"--subset-list picks image files by name; {name} is not read from image files "
                             "(use imagenet or folder:PATH)")
-        dataset = ImageFiles(select_listed(dataset.samples, subset_list), dataset.transform)
+        dataset = ImageFiles(select_listed(dataset.samples, subset_list), dataset.transform, dataset.finish)
         info = DatasetInfo(**{**info.to_dict(), "size": len(dataset), "subset": len(dataset)})
     elif subset:
         dataset = Subset(dataset, balanced_subset_indices(_targets(dataset), subset))
@@ -460,15 +502,60 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
     return dataset, info
 
 
+class Uint8Items(Dataset):
+    """``dataset``'s items in their uint8 form (same order and labels, Subsets included); ``levels`` [256] float32
+    turns them into the items' floats (``to_float_images``)."""
+
+    def __init__(self, dataset: Dataset, levels: torch.Tensor) -> None:
+        self.dataset, self.levels = dataset, levels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        dataset = self.dataset
+        while isinstance(dataset, Subset):
+            dataset, i = dataset.dataset, dataset.indices[i]
+        return dataset.uint8_item(i)
+
+
+def uint8_view(dataset: Dataset) -> Dataset:
+    """``Uint8Items`` of ``dataset`` when its images are bytes; else ``dataset`` itself (float items)."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    levels = getattr(base, "uint8_levels", None)
+    return Uint8Items(dataset, levels) if levels is not None else dataset
+
+
+def loader_levels(loader: DataLoader, device: torch.device) -> torch.Tensor | None:
+    """The byte -> float table of a loader's uint8 images, on ``device`` (None: the loader yields floats)."""
+    dataset = loader.dataset
+    return dataset.levels.to(device) if isinstance(dataset, Uint8Items) else None
+
+
+def to_float_images(x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """A batch as float32 in [0, 1] on its device: uint8 through the table ``levels`` (bit for bit the item's float,
+    whatever the device's arithmetic), floats unchanged."""
+    if levels is None or x.dtype != torch.uint8:
+        return x
+    return levels[x.int()]  # int, not uint8: a uint8 index would be read as a mask
+
+
 def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0,
-                 sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
+                 sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False,
+                 uint8: bool = False) -> DataLoader:
     """A DataLoader that drops unreadable images and, when shuffling, shuffles reproducibly from ``seed``. Its
-    workers persist between passes (training reads its validation loader every epoch: no re-fork each time)."""
+    workers persist between passes (training reads its validation loader every epoch: no re-fork each time).
+    ``uint8``: batches of the uint8 form where the data set has one (``uint8_view``); the caller converts them on its
+    device with ``to_float_images(x, loader_levels(loader, device))``."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0 loads in the main process), got {workers}")
     generator = torch.Generator().manual_seed(seed)
+    if uint8:
+        dataset = uint8_view(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_readable, generator=generator, drop_last=drop_last,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

@@ -6,15 +6,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from robust_enc.attacks import art_adapter
-from robust_enc.data import build_dataset
+from robust_enc.attacks.runner import benchmark
+from robust_enc.data import (
+    TensorImages,
+    build_dataset,
+    build_loader,
+    bytes_to_unit,
+    levels_of,
+    loader_levels,
+    to_float,
+    to_float_images,
+    uint8_view,
+)
 from robust_enc.models import ModelSpec, build_model
+from robust_enc.train.loop import train_one_epoch
+from robust_enc.train.regularizers import build_recipe
 
 # The stand-in accelerator is torch's "meta" device (it has no storage of its own, so nothing else can put real
 # values there, and autograd runs its backward on the CPU thread); the values live in a CPU tensor inside.
@@ -167,7 +183,102 @@ def test_a_pgd_step_moves_no_images_between_host_and_device(norm):
     start and first-fooling bookkeeping stay on the device. Per step at most a few scalars cross (ART reads one flag
     from the labels), never an image-sized array (ART's own PGD uploads a float64 eps array of the batch's size every
     step; a numpy projection would download and upload the whole batch)."""
-    short, long = _pgd_traffic(1, norm), _pgd_traffic(3, norm)
-    assert max(short.uploads + short.downloads + long.uploads + long.downloads, default=0) <= 1
-    assert long.syncs == ["aten.equal.default"] * 3, long  # ART's are-the-labels-one-hot check, once a step
-    assert short.syncs == ["aten.equal.default"] and short.scalars() == 1, short
+    traffic = _pgd_traffic(3, norm)
+    assert not traffic.uploads and not traffic.downloads, traffic
+    assert traffic.syncs == ["aten.equal.default"] * 3, traffic  # ART's are-the-labels-one-hot check, once a step
+
+
+# ------------------------------------------------------------------------------------------------ uint8 batches
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def test_each_sets_byte_table_is_its_own_scaling():
+    """Fashion-MNIST/CIFAR divide by 255, torchvision's ToDtype multiplies by 1/255: in float32 they differ for 126
+    of the 256 bytes, so one shared table would change the numbers of one family. Each table equals numpy's
+    float32 arithmetic of its rule."""
+    codes = np.arange(256, dtype=np.float32)
+    divided, multiplied = bytes_to_unit(torch.arange(256, dtype=torch.uint8)), levels_of(to_float())
+    assert np.array_equal(divided.numpy(), codes / np.float32(255))
+    assert np.array_equal(multiplied.numpy(), codes * np.float32(1 / 255))
+    assert int((divided != multiplied).sum()) == 126
+
+
+def _image_folder(root) -> str:
+    """A folder:PATH set of 12 seeded RGB JPEGs of odd sizes in 3 classes (train/ and val/)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (20 + 3 * i, 17 + c, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.jpg", quality=90)
+    return f"folder:{root}"
+
+
+def _byte_sets(tmp_path):
+    name = _image_folder(tmp_path / "imgs")
+    sets = {f"{name}/{split}/{aug}": build_dataset(name, split, augment=aug, image_size=16)[0]
+            for split, aug in (("train", True), ("val", False))}
+    sets["cache"] = build_dataset(name, "val", image_size=16, cache=str(tmp_path / "cache"))[0]
+    if Path(FASHION).is_dir():
+        sets["fashion-mnist/augmented/subset"] = build_dataset("fashion-mnist", "train", subset=40, augment=True)[0]
+    return sets
+
+
+def test_uint8_items_become_the_float_items_bit_for_bit(tmp_path):
+    """Every set stored or decoded as bytes (image files, augmented or not, the decode cache, Fashion-MNIST) has a
+    uint8 form whose table lookup gives the float items exactly (same augmentation draws: seeded alike)."""
+    for name, dataset in _byte_sets(tmp_path).items():
+        view = uint8_view(dataset)
+        assert view is not dataset, name
+        for i in range(len(dataset)):
+            torch.manual_seed(i)
+            x, label = dataset[i]
+            torch.manual_seed(i)
+            codes, same_label = view[i]
+            assert codes.dtype == torch.uint8 and label == same_label, name
+            assert torch.equal(to_float_images(codes, view.levels), x), (name, i)
+    digits, _ = build_dataset("digits", "test")
+    assert uint8_view(digits) is digits  # digits' levels are k / 16: it stays float (256 bytes an image)
+
+
+def test_workers_send_uint8_and_the_device_converts(tmp_path):
+    """Through 2 DataLoader workers: the batches that cross are uint8, and converted on the (stand-in) device they
+    are the float loader's batches; what was uploaded is the bytes plus the 256-entry table."""
+    dataset = _byte_sets(tmp_path)["cache"]
+    floats = list(build_loader(dataset, batch_size=4, workers=2))
+    loader = build_loader(dataset, batch_size=4, workers=2, uint8=True)
+    with counted() as traffic:
+        levels = loader_levels(loader, DEVICE)
+        for (codes, y), (x, y_float) in zip(loader, floats, strict=True):
+            assert codes.dtype == torch.uint8 and torch.equal(y, y_float)
+            on_device = to_float_images(codes.to(DEVICE), levels)
+            assert isinstance(on_device, OnDevice) and torch.equal(on_device.elem, x)
+    assert traffic.uploads == [256] + [c.numel() for c, _ in floats] and not traffic.downloads
+    assert sum(traffic.uploads[1:]) == sum(x.numel() for x, _ in floats)  # elements: one byte each, not four
+
+
+def test_training_and_attacks_on_uint8_batches_match_float_batches():
+    """The training loop and the attack runner get uint8 batches from a byte set: one epoch and one FGSM
+    evaluation give bit-identical weights and rows to the same images fed as floats."""
+    if not Path(FASHION).is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    data, info = build_dataset("fashion-mnist", "test", subset=32)
+    items = [data[i] for i in range(len(data))]
+    floats = TensorImages(torch.stack([x for x, _ in items]), torch.tensor([label for _, label in items]))
+    spec = ModelSpec("resnet_tiny", 10, (1, 28, 28), info.mean, info.std)
+    weights = []
+    for dataset in (data, floats):
+        torch.manual_seed(0)
+        model = build_model(spec)
+        recipe = build_recipe("baseline", num_classes=10, batch_size=16, weight_decay=1e-4)
+        optimizer = torch.optim.SGD(recipe.param_groups(model), lr=0.05, momentum=0.9)
+        loader = build_loader(dataset, batch_size=16, uint8=True)
+        assert next(iter(loader))[0].dtype == (torch.uint8 if dataset is data else torch.float32)
+        train_one_epoch(model, loader, recipe, optimizer, device=torch.device("cpu"), epoch=0)
+        weights.append(model.state_dict())
+        rows = benchmark(model, dataset, info=info, attacks=("fgsm",), eps="8/255", batch_size=16,
+                         device="cpu", checkpoint_hash="same")
+        weights.append([(r.attack, r.eps, r.n, r.clean_top1, r.adv_top1, r.flags) for r in rows])
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[2].values(), strict=True))
+    assert weights[1] == weights[3]

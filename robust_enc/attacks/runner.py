@@ -58,7 +58,15 @@ from robust_enc.attacks.state import (
     seed_for,
     tally_key,
 )
-from robust_enc.data import DatasetInfo, build_dataset, build_loader, eval_split, unreadable_count
+from robust_enc.data import (
+    DatasetInfo,
+    build_dataset,
+    build_loader,
+    eval_split,
+    loader_levels,
+    to_float_images,
+    unreadable_count,
+)
 from robust_enc.device import MEASUREMENT_PRECISION
 from robust_enc.errors import UserError
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions
@@ -173,6 +181,7 @@ class _Run:
         self.gradient: SweepFGSM | None = None  # the per-batch clean gradient: FGSM's own, or the reference's
         self.classifier: Any = None
         self.roundtrip_done = False  # ART predict vs the clean pass: once per process and session
+        self.levels: torch.Tensor | None = None  # byte -> float table when the loader sends uint8 images
 
     def prepare(self, classifier: Any) -> None:
         """Build every ART attack object before the first batch: ART's own parameter checks run up front."""
@@ -204,9 +213,11 @@ class _Run:
         return top1, (logits.topk(min(self.topk, logits.shape[1]), dim=1).indices == y[:, None]).any(1)
 
     def step(self, x_cpu: torch.Tensor, y_cpu: torch.Tensor) -> None:
-        """Count one batch: x [B, C, H, W] float32 in [0, 1], y [B] int64."""
+        """Count one batch: x [B, C, H, W] float32 in [0, 1] (or uint8, turned into those floats on the device by
+        ``self.levels``), y [B] int64."""
         model, device = self.model, self.device
         x, y = x_cpu.to(device, non_blocking=True), y_cpu.to(device, non_blocking=True)
+        x = to_float_images(x, self.levels)
         started = time.perf_counter()
         with torch.no_grad():
             logits = model(x)
@@ -225,7 +236,7 @@ class _Run:
             # images of ResNet-20/Fashion-MNIST: 1.3% of a 512-image run).
             self.roundtrip_done = True
             k = min(len(y), ROUNDTRIP_EXAMPLES)
-            art = art_adapter.predict_labels(self.classifier, art_adapter.to_numpy_images(x_cpu[:k]), k)
+            art = art_adapter.predict_labels(self.classifier, art_adapter.to_numpy_images(x[:k]), k)
             clean["roundtrip_checked"] += k
             clean["roundtrip_mismatch"] += int((art != logits[:k].argmax(1).cpu().numpy()).sum())
         clean["wall_s"] += time.perf_counter() - started
@@ -460,7 +471,9 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
                 log.warning("resuming %s from batch %d of this process (progress file %s)", provenance.run_id, start,
                             progress)
             sampler = ShardSampler(len(dataset), config.batch_size, rank, world, start)
-            loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers, sampler=sampler)
+            loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers, sampler=sampler,
+                                  uint8=True)
+            run.levels = loader_levels(loader, device)
             done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
             total = done_before + len(sampler)
             session_start, session_images = time.perf_counter(), 0

@@ -44,7 +44,17 @@ from robust_enc.checkpoint import (
     save_checkpoint,
 )
 from robust_enc.config import config_to_dict
-from robust_enc.data import DATASETS, balanced_subset, build_dataset, build_loader, collate_readable, eval_split
+from robust_enc.data import (
+    DATASETS,
+    balanced_subset,
+    build_dataset,
+    build_loader,
+    collate_readable,
+    eval_split,
+    loader_levels,
+    to_float_images,
+    uint8_view,
+)
 from robust_enc.errors import UserError
 from robust_enc.io import write_text_atomic
 from robust_enc.models import MODELS, ModelSpec, build_network, weight_norms
@@ -297,9 +307,16 @@ def exploded_loss(num_classes: int) -> float:
     return EXPLODED_LOSS_FACTOR * math.log(max(num_classes, 2))
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _levels(loader: Iterable, device: torch.device) -> torch.Tensor | None:
+    """The byte -> float table of a DataLoader sending uint8 images (``data.uint8_view``), on ``device``."""
+    return loader_levels(loader, device) if isinstance(loader, DataLoader) else None
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool,
+               levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device; uint8 images become floats there (a quarter of the bytes cross)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    x = to_float_images(x, levels)
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
@@ -332,6 +349,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: 
     first_bad_loss = torch.zeros((), device=device)  # and its loss
     skipped = 0
     last_loss = NAN
+    levels = _levels(loader, device)
     start = time.perf_counter()
 
     def check() -> None:
@@ -351,7 +369,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, recipe: Any, optimizer: 
         if D.any_rank_host(len(y) == 0) if world > 1 else len(y) == 0:
             skipped += 1
             continue
-        x, y = _to_device(x, y, device, channels_last)
+        x, y = _to_device(x, y, device, channels_last, levels)
         result = recipe.train_step(model, x, y, optimizer, autocast=autocast, scaler=scaler)
         loss = result.loss_on_device
         bad = ~torch.isfinite(loss) | (loss > loss_limit)
@@ -385,10 +403,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device,
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, n
+    levels = _levels(loader, device)
     for x, y in loader:
         if len(y) == 0:
             continue
-        x, y = _to_device(x, y, device, channels_last)
+        x, y = _to_device(x, y, device, channels_last, levels)
         with autocast():
             logits = model(x)
         logits = logits.float()
@@ -537,15 +556,16 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         train_model = torch.compile(train_model)
     loader_generator = torch.Generator()
     # Our own batch sampler (build_loader takes per-item samplers only): same collation and pinning as build_loader.
-    # Workers are re-forked each epoch, not persistent: their augmentation streams are seeded per (seed, epoch,
+    # Workers send uint8 images where the set has them (converted on the device in train_one_epoch). They are
+    # re-forked each epoch, not persistent: their augmentation streams are seeded per (seed, epoch,
     # rank) below, which is what makes a resumed run bit-identical (persistent workers are seeded once).
-    train_loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers,
+    train_loader = DataLoader(uint8_view(train_set), batch_sampler=sampler, num_workers=config.workers,
                               collate_fn=collate_readable, pin_memory=device.type == "cuda",
                               generator=loader_generator)
     val_shard = Subset(val_set, D.shard_indices(len(val_set), ctx.rank, ctx.world_size)) if ctx.distributed \
         else val_set
     eval_batch = max(1, config.batch_size // ctx.world_size)
-    val_loader = build_loader(val_shard, batch_size=eval_batch, workers=config.workers)
+    val_loader = build_loader(val_shard, batch_size=eval_batch, workers=config.workers, uint8=True)
     probe_loader = None
     if ctx.is_main and config.gbr_probe_size > 0:
         probe_set, _ = build_dataset(config.dataset, evaluation_split, subset=config.gbr_probe_size, **data_kw)
@@ -588,7 +608,8 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
             clean = clean_train_split(config, data_kw)
             clean_shard = Subset(clean, D.shard_indices(len(clean), ctx.rank, ctx.world_size)) if ctx.distributed \
                 else clean
-            train_top1 = evaluate(net, build_loader(clean_shard, batch_size=eval_batch, workers=config.workers),
+            train_top1 = evaluate(net, build_loader(clean_shard, batch_size=eval_batch, workers=config.workers,
+                                                    uint8=True),
                                   device=device, autocast=autocast, channels_last=config.channels_last,
                                   num_classes=train_info.num_classes)["top1"]
         norms = weight_norms(net)
