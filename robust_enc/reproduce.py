@@ -81,6 +81,11 @@ def load_preset(name_or_path: str) -> Preset:
             raise UserError(f"preset {name}: \"seeds\" must be integers, e.g. [0, 1, 2]; "
                             f"got {data['seeds']!r}") from None
         data["rows"], data["seeds"] = tuple(data["rows"]), seeds
+        for section in data.get("attack") if isinstance(data.get("attack"), list) else [data.get("attack")]:
+            only = section.get("rows") if isinstance(section, dict) else None
+            if only is not None and (not isinstance(only, list) or not set(only) <= set(data["rows"])):
+                raise UserError(f"preset {name}: an attack section's \"rows\" must be a list of the preset's rows "
+                                f"({', '.join(data['rows'])}), got {only!r}")
         return Preset(name=name, **data)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"preset {name} is malformed ({err.__class__.__name__}: {err})") from None
@@ -88,7 +93,8 @@ def load_preset(name_or_path: str) -> Preset:
 
 def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | None = None,
          epochs: int | None = None, workers: int | None = None) -> list[tuple[Any, Any]]:
-    """(TrainConfig, AttackConfig) for every row x seed; validates every spec and setting before anything runs."""
+    """(TrainConfig, AttackConfig) for every row x seed x evaluation that runs on the row; validates every spec and
+    setting before anything runs."""
     from robust_enc.attacks.registry import parse_attacks, parse_eps
     from robust_enc.attacks.runner import AttackConfig
     from robust_enc.config import replace_checked
@@ -104,13 +110,16 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
         if not isinstance(section, dict):
             raise UserError(f"preset {preset.name}: \"attack\" must be an object or a list of objects, got {section!r}")
         attack_overrides = dict(section)
+        # "rows": the regularizer specs this evaluation runs on (default every row), e.g. AutoAttack only on the
+        # rows a demo compares, where it would cost minutes per model on all of them
+        only = attack_overrides.pop("rows", None)  # checked against the preset's rows by load_preset
         if workers is not None:
             attack_overrides["workers"] = workers
         attack_overrides["eps"] = parse_eps(attack_overrides.get("eps", "1/255,2/255,4/255"),
                                             attack_overrides.get("norm", "linf"))
         attack_overrides["attacks"] = parse_attacks(attack_overrides.get("attacks", ("fgsm",)))
         attack_overrides.setdefault("gbr", i == 0)  # GBR once per model, with the first evaluation
-        evaluations.append(attack_overrides)
+        evaluations.append((attack_overrides, None if only is None else set(only)))
     pairs = []
     for spec in preset.rows:
         for seed in preset.seeds:
@@ -118,7 +127,9 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
                 TrainConfig(), model=preset.model, dataset=preset.dataset, data_dir=data_dir, regularizer=spec,
                 seed=seed, device=device, out_dir=str(out / "runs"), resume=True, **train_overrides))
             run_dir = Path(train_config.out_dir) / train_config.run_id
-            for attack_overrides in evaluations:
+            for attack_overrides, rows in evaluations:
+                if rows is not None and spec not in rows:
+                    continue
                 attack_config = replace_checked(AttackConfig(), checkpoint=str(run_dir), data_dir=data_dir,
                                                 device=device, seed=seed, out=str(run_dir / "results.csv"),
                                                 **attack_overrides)
@@ -261,7 +272,7 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
     for i, train_config in enumerate(sweep, 1):
         log.warning("[sweep %d/%d] %s", i, len(sweep), train_config.run_id)
         train(train_config)
-    log.warning("trained and attacked %d models in %.0f s", len(pairs), time.perf_counter() - start)
+    log.warning("trained and attacked %d models in %.0f s", len(trained), time.perf_counter() - start)
     if not _is_main_process():
         return None, {}
     report = make_report([out / "runs"], baseline=preset.report.get("baseline"), link_base=out / "report",

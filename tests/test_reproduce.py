@@ -35,7 +35,9 @@ def test_shipped_presets_load_and_plan(tmp_path, name):
     preset = load_preset(name)
     assert "baseline" in preset.rows and "enc" in preset.rows
     pairs = plan(preset, tmp_path)  # validates every spec and setting, touches no data
-    assert len(pairs) == len(preset.rows) * len(preset.seeds) * 2  # FGSM/PGD sweep, then AutoAttack at one eps
+    # FGSM/PGD sweep on every row, then AutoAttack at one eps on every row or on the rows its section names
+    autoattack_rows = preset.attack[1].get("rows", preset.rows)
+    assert len(pairs) == (len(preset.rows) + len(autoattack_rows)) * len(preset.seeds)
     assert "fgsm" in pairs[0][1].attacks and pairs[1][1].attacks == ("autoattack",)
     assert [a.gbr for _, a in pairs[:2]] == [True, False]  # GBR measured once per model
     sweep = sweep_plan(preset, tmp_path)
@@ -102,6 +104,27 @@ def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("RANK", "1")
     assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
     assert len(builds) == 2 and "report:" not in capsys.readouterr().out
+
+
+def test_an_evaluation_runs_only_on_the_rows_it_names(tmp_path, capsys):
+    small = {**SMALL, "attack": [SMALL["attack"][0], {**SMALL["attack"][1], "rows": ["enc+ls", "baseline"]}]}
+    preset_file = tmp_path / "small.json"
+    preset_file.write_text(json.dumps(small))
+    preset = load_preset(str(preset_file))
+    planned = [(t.run_id.split("-")[2], a.attacks) for t, a in plan(preset, tmp_path / "o")]
+    assert planned == [("baseline", ("fgsm", "pgd")), ("baseline", ("autoattack",)), ("enc", ("fgsm", "pgd")),
+                       ("enc+ls", ("fgsm", "pgd")), ("enc+ls", ("autoattack",))]
+    # --rows keeps a subset of the preset's rows: an evaluation's own list is filtered with it, not refused.
+    planned = [(t.run_id.split("-")[2], a.attacks) for t, a in plan(dataclasses.replace(preset, rows=("enc",)),
+                                                                     tmp_path / "o")]
+    assert planned == [("enc", ("fgsm", "pgd"))]
+    for rows in (["baseline", "encc"], "enc"):  # not a row of the preset; a string, not a list
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({**small, "attack": [SMALL["attack"][0], {**SMALL["attack"][1], "rows": rows}]}))
+        assert main(["reproduce", "--preset", str(bad), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\"rows\" must be a list of the preset's rows" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_reproduce_bad_input_is_one_line(tmp_path, capsys):
