@@ -352,7 +352,7 @@ def autoattack_part(args: argparse.Namespace) -> str:
     model, train_s = train_digits()
     data, info = build_dataset("digits", "test", subset=args.aa_n)
     eps = EPS
-    x, y = data.x, data.y
+    x, y = next(iter(build_loader(data, batch_size=len(data))))  # a subset is a torch Subset (no .x)
     results = {}
     start = time.perf_counter()
     rows = benchmark(model, data, info=info, attacks=("autoattack",), eps=(eps,), batch_size=args.aa_n,
@@ -376,7 +376,7 @@ def autoattack_part(args: argparse.Namespace) -> str:
         "## autoattack: the cascade against every attack on every image and against torchattacks",
         "",
         f"Machine: {machine()}; device cpu. `benchmarks/bench_attacks.py --only autoattack --aa-n {args.aa_n}`. "
-        "One run of each, one after the other, on cores shared with other jobs: read the ratios with ~15% jitter.",
+        "One run of each, one after the other: read the ratios with ~15% jitter.",
         "",
         f"resnet_tiny trained 15 epochs on digits ({train_s:.0f} s), the first {args.aa_n} test images of the "
         f"class-balanced subset, L-inf eps 8/255, clean top-1 {clean:.1%}. Robust top-1: right clean and under "
