@@ -1,5 +1,6 @@
 """ENC (paper eq. 20-23), WN, WS, baking and the epsilon-shifted L2: identities checked on real models."""
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -371,3 +372,37 @@ def test_step_weights_share_the_row_statistics_and_drop_them():
         assert float(enc.el2_loss(model, lam=2.0)) == pytest.approx(expected, rel=1e-6)
     assert all(p.row_stats is None and not p.recording for _, _, p in enc.enc_layers(model))
     copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("spec", ["enc", "enc:variant=eq21,alpha=0.7", "ws"])
+def test_step_batch_gives_the_per_layer_weights_and_gradients(spec):
+    """Inside step_weights the row-wise layers are normalized in one batch: the same W_hat, L2 term and gradients
+    (raw weights, through W_hat and the L2 term's row statistics) as each layer's own function, which the test
+    above checks against autograd; float64, to 1e-10. And the batch's backward against finite differences."""
+    torch.manual_seed(0)
+    model = prepare_model(_network("resnet_tiny"), spec).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    raw = [enc.raw_weight(m) for _, m in enc.parametrized_layers(model)]
+    results = {}
+    for batched in (False, True):
+        with enc.step_weights(model) if batched else contextlib.nullcontext():
+            loss = model(x).square().sum() + enc.el2_loss(model, lam=0.3)
+            w_hats = [m.weight.detach().clone() for _, m in enc.parametrized_layers(model)]
+            if batched:
+                assert all(p.batch is not None and p.batch.outputs is not None for _, m in
+                           enc.parametrized_layers(model) for p in m.parametrizations.weight)
+        results[batched] = (w_hats, loss.detach(), torch.autograd.grad(loss, raw))
+    for got, want in zip(*(results[True][0], results[False][0])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-10, atol=1e-12)
+    for got, want in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert all(p.batch is None for _, m in enc.parametrized_layers(model) for p in m.parametrizations.weight)
+
+    # two small layers of different row lengths, gradients arriving through W_hat and the statistics
+    key = ("ws", 1e-5) if spec == "ws" else ("enc", spec == "enc")
+    weights = [(torch.randn(3, 2, 2, dtype=torch.float64) * 0.5 + 0.2).requires_grad_(),
+               (torch.randn(2, 5, dtype=torch.float64) * 0.3 - 0.1).requires_grad_()]
+    n = torch.tensor([[4.0]] * 3 + [[5.0]] * 2, dtype=torch.float64)
+    gain = torch.tensor([[math.sqrt(0.7 / 3)]] * 3 + [[math.sqrt(0.7 / 2)]] * 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *w: enc._BatchedRowNormalize.apply(key, (n, gain), *w), weights)

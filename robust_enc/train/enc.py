@@ -127,6 +127,97 @@ def normalize_rows(flat: torch.Tensor, scale, centre: str, *params: torch.Tensor
     return _RowNormalize.apply(flat, scale, centre, *params)
 
 
+# ---------------------------------------------------------------- every row-wise layer of a step in one node
+# On a small network the passes over the weights cost little and the per-layer bookkeeping dominates: _RowNormalize
+# spends some 60 small ops per layer on (rows,)-sized scale arithmetic, a nested autograd graph and python, ENC's L2
+# term some 10 more. Inside ``step_weights`` the row-wise layers (ENC eq. 21/22 with a fixed alpha, WS) are normalized
+# together: per layer only the passes over its weights (the same 4 forward, 4 backward), the scale arithmetic and the
+# L2 term once over the rows of every layer. Whole-tensor variants (eq. 20/23) and a learnable alpha keep the per-layer
+# function.
+def _batch_scale(key: tuple, mean: torch.Tensor, norm: torch.Tensor, n: torch.Tensor, gain: torch.Tensor
+                 ) -> torch.Tensor:
+    """k per row (R, 1) from the row means and centred norms of a batch's rows (n entries, ``gain`` per row): ENC's
+    sqrt(alpha / rows) / ||W_i - m_i|| (eq. 22) or / ||W_i|| (eq. 21), WS's (||W_i - mu_i||^2 / n + eps)^-1/2."""
+    if key[0] == "ws":
+        return (norm.square() / n + key[1]).rsqrt()
+    target = norm if key[1] else (norm.square() + n * mean.square()).sqrt()
+    return gain / target.clamp_min(NORM_EPS)
+
+
+class _BatchedRowNormalize(torch.autograd.Function):
+    """_RowNormalize for several layers at once: weights -> (*W_hat, row means, centred row norms), the statistics
+    of all layers' rows concatenated ((R, 1) each). key: ("enc", centred) or ("ws", eps); consts: (n, gain) per row."""
+
+    @staticmethod
+    def forward(ctx, key, consts, *weights):
+        centred = key[0] == "ws" or key[1]
+        with torch.autocast(weights[0].device.type, enabled=False):
+            flats = [w.reshape(w.shape[0], -1) for w in weights]
+            stats = [_row_statistics(flat) for flat in flats]
+            mean, norm = torch.cat([s[0] for s in stats]), torch.cat([s[2] for s in stats])
+            k = _batch_scale(key, mean, norm, *consts)
+            rows = [len(flat) for flat in flats]
+            w_hats = [(c.mul_(k_l) if centred else flat * k_l).reshape(w.shape)
+                      for w, flat, (_, c, _), k_l in zip(weights, flats, stats, k.split(rows))]
+        ctx.key, ctx.consts, ctx.rows, ctx.centred = key, consts, rows, centred
+        ctx.save_for_backward(mean, norm, *w_hats)
+        return (*w_hats, mean, norm)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        *grad_w_hats, grad_mean, grad_norm = grads
+        mean, norm, *w_hats = ctx.saved_tensors
+        n = ctx.consts[0]
+        g_flats = [g.reshape(len(g), -1) for g in grad_w_hats]
+        w_flats = [w.reshape(len(w), -1) for w in w_hats]
+        dot = torch.cat([torch.linalg.vecdot(g, w, dim=1) for g, w in zip(g_flats, w_flats)]).unsqueeze(1)
+        with torch.enable_grad():  # as _RowNormalize.backward, over the rows of every layer at once
+            mean_, norm_ = mean.detach().requires_grad_(), norm.detach().requires_grad_()
+            k = _batch_scale(ctx.key, mean_, norm_, *ctx.consts)
+            k_value = k.detach()
+            surrogate = (k * (dot / k_value)).sum() + (mean_ * grad_mean).sum() + (norm_ * grad_norm).sum()
+            if ctx.centred:  # shift m = the row means: dL/dm_i = -k_i sum_j g_ij
+                g_sum = torch.cat([g.sum(dim=1) for g in g_flats]).unsqueeze(1)
+                surrogate = surrogate - (mean_ * (k_value * g_sum)).sum()
+            d_mean, d_norm = torch.autograd.grad(surrogate, [mean_, norm_])
+        inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+        a = d_norm * inv_norm / k_value
+        b = d_mean / n if ctx.centred else d_mean / n - d_norm * inv_norm * mean
+        return (None, None, *(torch.addcmul(b_l, g, k_l).addcmul_(w, a_l).reshape(w_hat.shape)
+                              for g, w, w_hat, k_l, a_l, b_l in zip(g_flats, w_flats, w_hats, k_value.split(ctx.rows),
+                                                                    a.split(ctx.rows), b.split(ctx.rows))))
+
+
+class _RowBatch:
+    """One step's row-wise layers of one kind (``step_weights``), normalized together at the first one's forward."""
+
+    def __init__(self, key: tuple, members: list[tuple[nn.Module, torch.Tensor]]) -> None:
+        self.key = key
+        self.members = members  # (parametrization, the raw weight it normalizes)
+        self.index = {id(p): i for i, (p, _) in enumerate(members)}
+        self.outputs: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def w_hat(self, p: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+        """p's normalized weight, or None when ``weight`` is not the raw weight the batch was built for."""
+        i = self.index[id(p)]
+        if weight is not self.members[i][1]:
+            return None
+        if self.outputs is None:
+            raws = [raw for _, raw in self.members]
+            rows = torch.tensor([len(raw) for raw in raws])
+            n = torch.tensor([raw[0].numel() for raw in raws], dtype=raws[0].dtype).repeat_interleave(rows)
+            gain = torch.tensor([p.batch_gain(len(raw)) for p, raw in self.members],
+                                dtype=raws[0].dtype).repeat_interleave(rows)
+            consts = (n.unsqueeze(1).to(raws[0].device), gain.unsqueeze(1).to(raws[0].device))
+            *w_hats, mean, norm = _BatchedRowNormalize.apply(self.key, consts, *raws)
+            self.outputs = (w_hats, mean, norm, consts[0])
+            for (q, _), mean_l, norm_l in zip(self.members, mean.split(rows.tolist()), norm.split(rows.tolist())):
+                if isinstance(q, ENCWeight):
+                    q.row_stats = (mean_l, norm_l)
+        return self.outputs[0][i]
+
+
 class ENCWeight(nn.Module):
     """W (m_i rows) -> W_hat with ||W_hat||_F^2 = alpha (paper eq. 20-23).
 
@@ -148,6 +239,17 @@ class ENCWeight(nn.Module):
         self.log_alpha = nn.Parameter(torch.zeros(())) if alpha is None else None
         self.recording = False  # set by step_weights: keep row_stats of the pass
         self.row_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (row means, centred row norms)
+        self.batch: _RowBatch | None = None  # set by step_weights: normalized with the step's other row-wise layers
+
+    def batch_key(self, weight: torch.Tensor) -> tuple | None:
+        """Which _RowBatch kind this layer joins: the row-wise variants with a fixed alpha, centred only where a row
+        has more than one entry (a row of one entry is normalized uncentred, see forward); None: per layer."""
+        if not self.per_row or self.log_alpha is not None or (self.centred and weight[0].numel() == 1):
+            return None
+        return ("enc", self.centred)
+
+    def batch_gain(self, rows: int) -> float:
+        return math.sqrt(self.alpha / rows)  # each of the rows gets squared norm alpha / rows
 
     def current_alpha(self) -> torch.Tensor | float:
         return self.log_alpha.exp() if self.log_alpha is not None else self.alpha
@@ -169,6 +271,10 @@ class ENCWeight(nn.Module):
         return scale / target.clamp_min(NORM_EPS)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.batch is not None:  # a compiled graph traces the plain ops
+            w_hat = self.batch.w_hat(self, weight)
+            if w_hat is not None:
+                return w_hat
         rows = weight.shape[0]
         flat = weight.reshape(rows, -1)
         # A centred row of length 1 (or a centred one-element tensor) is identically zero: normalize uncentred there.
@@ -190,11 +296,22 @@ class WSWeight(nn.Module):
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps  # inside the square root, as Qiao et al.'s code; the squared row norm is then ~ row length
+        self.batch: _RowBatch | None = None  # set by step_weights, as ENCWeight's
+
+    def batch_key(self, weight: torch.Tensor) -> tuple:
+        return ("ws", self.eps)
+
+    def batch_gain(self, rows: int) -> float:
+        return 1.0  # unused: WS's scale has no gain
 
     def _scale(self, mean: torch.Tensor, norm: torch.Tensor, n: int) -> torch.Tensor:
         return (norm.square() / n + self.eps).rsqrt()  # biased variance = ||W_j - mu_j||^2 / n
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.batch is not None:
+            w_hat = self.batch.w_hat(self, weight)
+            if w_hat is not None:
+                return w_hat
         flat = weight.reshape(weight.shape[0], -1)
         return normalize_rows(flat, self._scale, "row")[0].reshape(weight.shape)
 
@@ -277,11 +394,15 @@ def bake_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- epsilon-shifted L2 (arXiv 1911.05920)
-def el2_from_row_stats(mean: torch.Tensor, norm: torch.Tensor, n: int, eps: float = 1e-3) -> torch.Tensor:
-    """el2_penalty from the rows' means and centred norms (n entries per row): with sigma_i = norm_i / sqrt(n - 1),
-    (n - 1) (sigma_i - eps)^2 = (norm_i - eps sqrt(n - 1))^2. A scalar, at least float32."""
+def el2_from_row_stats(mean: torch.Tensor, norm: torch.Tensor, n: int | torch.Tensor, eps: float = 1e-3
+                       ) -> torch.Tensor:
+    """el2_penalty from the rows' means and centred norms (n entries per row, or a tensor of n per row): with
+    sigma_i = norm_i / sqrt(n - 1), (n - 1) (sigma_i - eps)^2 = (norm_i - eps sqrt(n - 1))^2. A scalar, at least
+    float32."""
     if mean.dtype in (torch.float16, torch.bfloat16):
         mean, norm = mean.float(), norm.float()
+    if isinstance(n, torch.Tensor):  # a row of one entry has norm 0 and sqrt(n - 1) = 0: its spread term is 0
+        return (n * mean.square()).sum() + (norm - eps * (n - 1).sqrt()).square().sum()
     penalty = n * mean.square().sum()
     if n > 1:  # a row of one entry has no spread term ((n - 1) = 0) and no defined unbiased std
         penalty = penalty + (norm - eps * math.sqrt(n - 1)).square().sum()
@@ -303,8 +424,15 @@ def el2_loss(model: nn.Module, *, lam: float, eps: float = 1e-3) -> torch.Tensor
     """(lam / 2) * el2_penalty over the raw weights of every ENC layer of ``model`` (0 when there is none). Inside
     ``step_weights`` it reuses the row statistics the forward pass computed; elsewhere it computes them."""
     total = None
+    batches = set()
     for _, module, p in enc_layers(model):
-        if p.row_stats is not None:
+        if p.batch is not None and p.batch.outputs is not None:  # once for all the batch's rows
+            if id(p.batch) in batches:
+                continue
+            batches.add(id(p.batch))
+            _, mean, norm, n = p.batch.outputs
+            term = el2_from_row_stats(mean, norm, n, eps)
+        elif p.row_stats is not None:
             term = el2_from_row_stats(*p.row_stats, raw_weight(module)[0].numel(), eps)
         else:
             term = el2_penalty(raw_weight(module), eps)
@@ -317,8 +445,23 @@ def el2_loss(model: nn.Module, *, lam: float, eps: float = 1e-3) -> torch.Tensor
 @contextlib.contextmanager
 def step_weights(model: nn.Module) -> Iterator[None]:
     """One training step's weights: ``parametrize.cached()`` (each ENC/WN/WS weight normalized once, shared by every
-    use in the pass) and ENC layers keeping their raw rows' statistics for ``el2_loss``; dropped again on exit."""
+    use in the pass), the row-wise ENC/WS layers normalized together (one _RowBatch per kind, dtype and device) and
+    ENC layers keeping their raw rows' statistics for ``el2_loss``; dropped again on exit."""
     layers = [p for _, _, p in enc_layers(model)]
+    groups: dict[tuple, list[tuple[nn.Module, torch.Tensor]]] = {}
+    for _, module in parametrized_layers(model):
+        plist = module.parametrizations.weight
+        if len(plist) == 1 and isinstance(plist[0], (ENCWeight, WSWeight)):
+            key = plist[0].batch_key(plist.original)
+            if key is not None:
+                groups.setdefault((key, plist.original.dtype, plist.original.device), []).append(
+                    (plist[0], plist.original))
+    batched = []
+    for (key, _, _), members in groups.items():
+        batch = _RowBatch(key, members)
+        for p, _ in members:
+            p.batch = batch
+            batched.append(p)
     for p in layers:
         p.recording, p.row_stats = True, None
     try:
@@ -327,3 +470,5 @@ def step_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for p in layers:
             p.recording, p.row_stats = False, None
+        for p in batched:
+            p.batch = None
