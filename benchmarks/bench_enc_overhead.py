@@ -12,6 +12,7 @@ hits them alike; an overhead is the median over rounds of the per-round ratio sp
     .venv/bin/python -m benchmarks.bench_enc_overhead --gpu-only   # GPU rows -> section enc-overhead-gpu (gpu.sh)
     .venv/bin/python -m benchmarks.bench_enc_overhead --compile    # adds torch.compile'd baseline and ENC rows
     .venv/bin/python -m benchmarks.bench_enc_overhead --profile after   # per-op table -> section enc-profile-after
+    .venv/bin/python -m benchmarks.bench_enc_overhead --profile resnet20-after --profile-model resnet20
 """
 
 from __future__ import annotations
@@ -200,8 +201,10 @@ def main() -> None:
     parser.add_argument("--gpu-batches", default="64,128", help="batch sizes of the GPU rows")
     parser.add_argument("--gpu-steps", type=int, default=50, help="timed rounds per GPU row")
     parser.add_argument("--profile", metavar="TAG", default=None,
-                        help="instead of timing: a per-op profile of the CPU ResNet-50 step (baseline and ENC), "
+                        help="instead of timing: a per-op profile of a CPU step (baseline and ENC), "
                              "into section enc-profile-TAG")
+    parser.add_argument("--profile-model", choices=("resnet50", "resnet20"), default="resnet50",
+                        help="the setting --profile runs: the small-input ResNet-50 or ResNet-20 at batch 128")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: time steps by process CPU time (use with --threads 1 on a machine shared with "
                              "other jobs, where wall time is mostly waiting)")
@@ -217,14 +220,16 @@ def main() -> None:
     command = "`benchmarks/bench_enc_overhead.py" + "".join(f" {flag}" for flag, on in flags if on) + "`"
 
     if args.profile:
-        setting = RESNET50_CPU
+        setting = RESNET50_CPU if args.profile_model == "resnet50" else RESNET20_CPU
         table = profile_markdown(setting, ("baseline", "enc"), steps=5)
+        model_flag = "" if args.profile_model == "resnet50" else f" --profile-model {args.profile_model}"
         markdown = "\n".join([
-            f"## enc-profile-{args.profile}: where a CPU ResNet-50 ENC step spends its time ({args.profile})", "",
+            f"## enc-profile-{args.profile}: where a CPU {setting.label.split(',')[0]} ENC step spends its time "
+            f"({args.profile})", "",
             f"Machine: {machine()}; load average {load:.1f} when it ran. `benchmarks/bench_enc_overhead.py --profile "
-            f"{args.profile}`: torch.profiler over 5 steps of {setting.label} after 3 warm-up steps, self CPU time "
-            "per op (the profiler's own cost inflates small ops; the shared cores make milliseconds jitter, calls "
-            "per step do not).", "", table])
+            f"{args.profile}{model_flag}`: torch.profiler over 5 steps of {setting.label} after 3 warm-up steps, "
+            "self CPU time per op (the profiler's own cost inflates small ops; the shared cores make milliseconds "
+            "jitter, calls per step do not).", "", table])
         print(markdown)
         if not args.no_write:
             write_section(f"enc-profile-{args.profile}", markdown)
