@@ -30,8 +30,8 @@ from benchmarks._common import alternate, machine, write_section
 from robust_enc.attacks import benchmark
 from robust_enc.checkpoint import state_hash
 from robust_enc.data import DatasetInfo, build_dataset, build_loader
-from robust_enc.device import strict_fp32
 from robust_enc.models import ModelSpec, build_model
+from robust_enc.runtime.device import strict_fp32
 
 EPS = 8 / 255
 SWEEP = tuple(k / 255 for k in (1, 2, 4, 8, 16, 32))
@@ -324,7 +324,7 @@ def every_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) 
     robust = every attack failed (per example): what the cascade computes, without skipping broken examples."""
     from robust_enc.attacks import art_adapter
     from robust_enc.attacks.registry import AutoAttack
-    from robust_enc.attacks.state import seed_everything
+    from robust_enc.runtime.seeding import seed_everything
 
     classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=x.shape[1:], device=x.device)
     apgd = dict(eps=eps, norm="linf", steps=100, step_size=2 * eps, restarts=1, batch_size=len(x))

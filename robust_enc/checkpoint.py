@@ -26,6 +26,7 @@ from robust_enc.errors import UserError
 from robust_enc.io import write_atomic
 from robust_enc.models import ModelSpec, NormalizedModel, build_model
 from robust_enc.results import library_versions
+from robust_enc.runtime.seeding import safe_rng_state
 
 FORMAT = "robust-enc-checkpoint"
 FORMAT_VERSION = 2  # 2: loads with weights_only=True; 1: pickled numpy RNG states (convert to load)
@@ -54,29 +55,6 @@ def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()[:12]
-
-
-def safe_rng_state(state: dict[str, Any]) -> dict[str, Any]:
-    """{"torch", "numpy", "python", "cuda"} RNG states as ``weights_only``-loadable values: numpy's MT19937 tuple as a
-    dict with an int64 key tensor, python's state tuple as a list. Already-safe states pass through unchanged."""
-    numpy_state, python_state = state["numpy"], state["python"]
-    if isinstance(numpy_state, tuple):  # np.random.get_state(): (name, uint32 key[624], pos, has_gauss, gauss)
-        name, key, pos, has_gauss, gauss = numpy_state
-        numpy_state = {"name": str(name), "key": torch.from_numpy(key.astype("int64")), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    if isinstance(python_state, tuple):  # random.getstate(): (version, 625 ints, gauss_next)
-        python_state = [python_state[0], list(python_state[1]), python_state[2]]
-    return {"torch": state["torch"], "numpy": numpy_state, "python": python_state, "cuda": state.get("cuda")}
-
-
-def live_rng_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of ``safe_rng_state``: values that np.random.set_state and random.setstate take."""
-    numpy_state = state["numpy"]
-    numpy_state = (numpy_state["name"], numpy_state["key"].numpy().astype("uint32"), numpy_state["pos"],
-                   numpy_state["has_gauss"], numpy_state["gauss"])
-    version, internal, gauss_next = state["python"]
-    return {"torch": state["torch"], "numpy": numpy_state, "python": (version, tuple(internal), gauss_next),
-            "cuda": state.get("cuda")}
 
 
 def _plain(value: Any) -> Any:

@@ -53,20 +53,6 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
 
-def resolve_device(name: str) -> "torch.device":  # noqa: F821
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
-    return device
-
-
 def _list_registry(kind: str) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -154,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         if "torch.distributed" in sys.modules:  # never import torch just to find nothing to leave
-            from robust_enc.train.distributed import cleanup
+            from robust_enc.runtime.distributed import cleanup
 
             cleanup()
 
@@ -166,7 +152,8 @@ def _join_process_group(args: argparse.Namespace) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not hasattr(args, "device"):
         return
-    from robust_enc.train.distributed import init_distributed
+    from robust_enc.runtime.device import resolve_device
+    from robust_enc.runtime.distributed import init_distributed
 
     init_distributed(resolve_device(args.device))
 

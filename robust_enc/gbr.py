@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_enc.device import strict_fp32
 from robust_enc.errors import UserError
 from robust_enc.registry import Registry
+from robust_enc.runtime.device import strict_fp32
 
 log = logging.getLogger(__name__)
 
@@ -443,11 +443,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from robust_enc.checkpoint import load_plain_weights, state_hash
-    from robust_enc.cli import resolve_device
     from robust_enc.data import build_dataset, build_loader
     from robust_enc.io import write_text_atomic
     from robust_enc.models import ModelSpec
     from robust_enc.results import library_versions
+    from robust_enc.runtime.device import resolve_device
 
     _check_options(args.output, args.method, args.probes, args.max_exact_classes)  # fail before loading anything
     device = resolve_device(args.device)

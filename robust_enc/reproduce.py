@@ -240,7 +240,7 @@ def sanity_flags(pairs: list[tuple[Any, Any]]) -> list[str]:
 def _is_main_process() -> bool:
     """Rank 0 under torchrun, and any plain run: the one process that writes and prints the report. Before the
     process group is joined (it is joined once and kept), the rank torchrun set decides."""
-    from robust_enc.train.distributed import is_distributed, is_main
+    from robust_enc.runtime.distributed import is_distributed, is_main
 
     return is_main() if is_distributed() else int(os.environ.get("RANK", "0")) == 0
 

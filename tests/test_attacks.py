@@ -15,12 +15,12 @@ from robust_enc.attacks import art_adapter
 from robust_enc.attacks.checks import RowStats, check_rows, mcnemar_p
 from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
 from robust_enc.attacks.runner import AttackConfig, _measure_gbr, benchmark, evaluate
-from robust_enc.attacks.state import seed_everything, seed_for
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import DatasetInfo, TensorImages, build_dataset, build_loader
 from robust_enc.models import ModelSpec, build_model
 from robust_enc.results import ResultRow, read_results
+from robust_enc.runtime.seeding import seed_everything, seed_for
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "adv_top5", "steps", "step_size", "restarts", "flags")

@@ -19,13 +19,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from robust_enc.attacks import art_adapter, state
+from robust_enc.attacks import art_adapter
 from robust_enc.attacks.runner import benchmark
 from robust_enc.data import build_dataset
-from robust_enc.device import MEASUREMENT_PRECISION
 from robust_enc.gbr import measure_gbr
 from robust_enc.models import ModelSpec, build_model
-from robust_enc.train import distributed as D
+from robust_enc.runtime import distributed as D
+from robust_enc.runtime.device import MEASUREMENT_PRECISION
+from robust_enc.runtime.distributed import evaluation_process
 from robust_enc.train.loop import NonFiniteLoss, build_training_model, train_one_epoch
 from robust_enc.train.regularizers import build_recipe
 
@@ -112,7 +113,7 @@ def test_apgd_stays_on_the_requested_gpu(two_fake_gpus, monkeypatch, loss_type):
     monkeypatch.setattr(PyTorchClassifier, "predict",
                         lambda self, x, **kw: np.zeros((len(x), self.nb_classes), dtype=np.float32))
     model = build_model(ModelSpec("resnet_tiny", 10, (1, 8, 8), (0.5,), (0.5,)))
-    with state.distributed("cuda:1") as (rank, world, device):
+    with evaluation_process("cuda:1") as (rank, world, device):
         assert (rank, world, device, current[0]) == (0, 1, torch.device("cuda", 1), 1)
         classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device=device)
         art_adapter.apgd(classifier, eps=0.1, norm="linf", steps=2, step_size=0.05, restarts=1, batch_size=8,

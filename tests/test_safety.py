@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from robust_enc.attacks.runner import AttackConfig, evaluate
-from robust_enc.checkpoint import FORMAT, live_rng_state, load_checkpoint, save_checkpoint
+from robust_enc.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import build_dataset
 from robust_enc.errors import UserError
@@ -33,6 +33,7 @@ from robust_enc.io import sweep_stale_temps, write_text_atomic
 from robust_enc.models import ModelSpec, build_model
 from robust_enc.reports import build_report
 from robust_enc.results import ResultRow, read_results, write_results
+from robust_enc.runtime.seeding import live_rng_state
 from robust_enc.train.loop import EXPLODED_LOSS_FACTOR, Progress, TrainConfig, exploded_loss, train
 from robust_enc.train.run_folder import write_metrics
 

@@ -20,7 +20,7 @@ from robust_enc.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_enc.cli import main
 from robust_enc.errors import UserError
 from robust_enc.models import weight_norms
-from robust_enc.train.distributed import GlobalBatchSampler
+from robust_enc.runtime.sharding import GlobalBatchSampler
 from robust_enc.train.loop import Progress, TrainConfig, lr_factor, train
 from robust_enc.train.run_folder import METRIC_COLUMNS
 

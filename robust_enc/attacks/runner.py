@@ -45,17 +45,12 @@ from robust_enc.attacks.registry import (
     parse_eps,
 )
 from robust_enc.attacks.state import (
-    ShardSampler,
     Tallies,
     all_reduce,
-    distributed,
     load_progress,
     new_tally,
     progress_path,
-    restored_rng,
     save_progress,
-    seed_everything,
-    seed_for,
     tally_key,
 )
 from robust_enc.data import (
@@ -67,9 +62,12 @@ from robust_enc.data import (
     to_float_images,
     unreadable_count,
 )
-from robust_enc.device import MEASUREMENT_PRECISION
 from robust_enc.errors import UserError
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions
+from robust_enc.runtime.device import MEASUREMENT_PRECISION
+from robust_enc.runtime.distributed import evaluation_process
+from robust_enc.runtime.seeding import restored_rng, seed_everything, seed_for
+from robust_enc.runtime.sharding import ShardSampler
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +454,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
         raise UserError(f"data set {info.name} split {info.split} is empty: nothing to evaluate")
     plans = [ATTACKS.get(name).plan(name, config.settings(), info.num_classes) for name in attacks]
 
-    with distributed(config.device) as (rank, world, device), restored_rng():
+    with evaluation_process(config.device) as (rank, world, device), restored_rng():
         model = model.to(device)
         run = _Run(model, info, config, plans, eps, device)
         with art_adapter.frozen(model):
@@ -507,7 +505,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
         if skipped:
             log.warning("%d unreadable images were skipped", skipped)
         gbr_sums = _measure_gbr(model, dataset, config, device, rank, world) if config.gbr else []
-        all_reduce(run.tallies, gbr_sums, world, device)
+        all_reduce(run.tallies, gbr_sums)
         if run.tallies[tally_key("none", 0.0)]["n"] == 0:  # after the reduction: every rank raises alike
             if progress is not None:
                 progress.unlink(missing_ok=True)

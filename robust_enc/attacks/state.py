@@ -1,22 +1,14 @@
-"""The state of an evaluation that makes it resumable and shardable: per-(attack, eps) tallies, per-batch seeds,
-the batch-level shard sampler, the ``torchrun`` rank and device and its reduction, and the progress file."""
+"""The state of an evaluation that makes it resumable and shardable: per-(attack, eps) tallies, their reduction over
+``torchrun`` ranks, and the progress file."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import math
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import Sampler
-
 from robust_enc.io import write_text_atomic
+from robust_enc.runtime.distributed import all_reduce_max, all_reduce_sum
 
 log = logging.getLogger(__name__)
 
@@ -38,88 +30,16 @@ def new_tally() -> dict[str, float]:
     return {name: 0 for name in SUM_FIELDS} | {name: 0.0 for name in MAX_FIELDS}
 
 
-def seed_for(seed: int, batch: int, attack: str, eps: float) -> int:
-    """The seed of one (global batch, attack, eps): the same whichever other batches, attacks or processes run."""
-    text = f"{seed}|{batch}|{attack}|{eps!r}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed random, numpy and torch together: ART's random starts draw from numpy's global RNG."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def restored_rng() -> Iterator[None]:
-    """Per-batch seeding must not leak into the caller's random streams."""
-    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None  # manual_seed seeds CUDA too
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.random.set_rng_state(state[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-class ShardSampler(Sampler[int]):
-    """Indices of global batches ``rank, rank + world, ...`` from the ``start``-th of this rank's batches, in order.
-
-    With the same batch size, the DataLoader's batches are exactly those global batches (only the last global batch
-    can be short, and it is the last of its rank), so every batch holds the same images in any number of processes."""
-
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
-        self.size, self.batch_size = size, batch_size
-        self.batches = list(range(rank, math.ceil(size / batch_size), world))[start:]
-
-    def __iter__(self) -> Iterator[int]:
-        for b in self.batches:
-            yield from range(b * self.batch_size, min((b + 1) * self.batch_size, self.size))
-
-    def __len__(self) -> int:
-        return sum(min((b + 1) * self.batch_size, self.size) - b * self.batch_size for b in self.batches)
-
-
-@contextlib.contextmanager
-def distributed(device_name: str) -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world, device) for one evaluation, with ``device`` the current CUDA device throughout (ART's APGD builds
-    its classifier on the current device) and attacks and GBR in strict fp32 (``robust_enc.device``).
-
-    Under torchrun (WORLD_SIZE > 1) the process group is the one the CLI joined (or joined here, by the same path as
-    training: timeout, ``device_id``), and it stays joined for the next stage: each rank on its own GPU."""
-    from robust_enc.cli import resolve_device
-    from robust_enc.device import current_device, strict_fp32
-    from robust_enc.train.distributed import init_distributed
-
-    ctx, device = init_distributed(resolve_device(device_name))
-    with current_device(device), strict_fp32():
-        yield ctx.rank, ctx.world_size, device
-
-
-def all_reduce(tallies: Tallies, gbr_sums: list[float], world: int,
-                device: torch.device) -> None:
+def all_reduce(tallies: Tallies, gbr_sums: list[float]) -> None:
     """Sum the counts, max the maxima, across ranks, in place (keys are the same on every rank: from the config)."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
     keys = sorted(tallies)
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    sums = torch.tensor([[tallies[k][f] for f in SUM_FIELDS] for k in keys], dtype=torch.float64, device=on)
-    maxima = torch.tensor([[tallies[k][f] for f in MAX_FIELDS] for k in keys], dtype=torch.float64, device=on)
-    extra = torch.tensor(gbr_sums, dtype=torch.float64, device=on)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    if len(gbr_sums):
-        dist.all_reduce(extra, op=dist.ReduceOp.SUM)
+    sums = all_reduce_sum([tallies[k][f] for k in keys for f in SUM_FIELDS] + list(gbr_sums))
+    maxima = all_reduce_max([tallies[k][f] for k in keys for f in MAX_FIELDS])
     for i, k in enumerate(keys):
-        tallies[k].update({f: int(v) for f, v in zip(SUM_FIELDS, sums[i].tolist())})
-        tallies[k].update(dict(zip(MAX_FIELDS, maxima[i].tolist())))
-    gbr_sums[:] = extra.tolist()
+        row = sums[i * len(SUM_FIELDS):(i + 1) * len(SUM_FIELDS)]
+        tallies[k].update({f: int(v) for f, v in zip(SUM_FIELDS, row)})
+        tallies[k].update(dict(zip(MAX_FIELDS, maxima[i * len(MAX_FIELDS):(i + 1) * len(MAX_FIELDS)])))
+    gbr_sums[:] = sums[len(keys) * len(SUM_FIELDS):]
 
 
 # ------------------------------------------------------------------------------------------------ progress file

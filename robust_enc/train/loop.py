@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -30,19 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from robust_enc.checkpoint import (
-    CHECKPOINT_NAME,
-    live_rng_state,
-    load_state_strict,
-    safe_rng_state,
-    save_checkpoint,
-)
+from robust_enc.checkpoint import CHECKPOINT_NAME, load_state_strict, save_checkpoint
 from robust_enc.config import config_to_dict
 from robust_enc.data import (
     DATASETS,
@@ -58,7 +50,10 @@ from robust_enc.data import (
 from robust_enc.errors import UserError
 from robust_enc.io import write_text_atomic
 from robust_enc.models import MODELS, ModelSpec, build_network, weight_norms
-from robust_enc.train import distributed as D
+from robust_enc.runtime import distributed as D
+from robust_enc.runtime.device import resolve_device
+from robust_enc.runtime.seeding import capture_rng, restore_rng, seed_everything, stream_seed
+from robust_enc.runtime.sharding import GlobalBatchSampler, shard_indices
 from robust_enc.train.regularizers import build_recipe, canonical_spec, prepare_model, run_name
 from robust_enc.train.run_folder import (
     EXPORT_NAME,
@@ -446,40 +441,10 @@ def all_finite(model: nn.Module) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
-# ------------------------------------------------------------------------------------------------ RNG state
-def capture_rng(device: torch.device) -> dict[str, Any]:
-    return safe_rng_state({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
-
-
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    state = live_rng_state(state)
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _stream_seed(seed: int, *parts: int) -> int:
-    """A distinct, deterministic seed per (seed, parts...): ranks and epochs get independent streams."""
-    for part in parts:
-        seed = (seed * 1_000_003 + part + 1) % 2**63
-    return seed
-
-
 # ------------------------------------------------------------------------------------------------ train
 def train(config: TrainConfig, *, progress: Progress | None = None) -> Path:
     """Train one run; return its folder. A finished run (same config, epochs reached) is skipped; an interrupted one
     continues with ``resume=True``. Under torchrun every rank calls this; rank 0 writes the files."""
-    from robust_enc.cli import resolve_device
-
     config = resolve_config(config)
     device = resolve_device(config.device)
     _check_device(config, device, D.env_world_size())
@@ -496,7 +461,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     val_set, _ = build_dataset(config.dataset, evaluation_split, subset=config.val_subset, **data_kw)
     recipe = build_recipe(config.regularizer, num_classes=train_info.num_classes, batch_size=config.batch_size,
                           weight_decay=config.weight_decay)
-    sampler = D.GlobalBatchSampler(len(train_set), config.batch_size, seed=config.seed, rank=ctx.rank,
+    sampler = GlobalBatchSampler(len(train_set), config.batch_size, seed=config.seed, rank=ctx.rank,
                                    world_size=ctx.world_size)
     spec = ModelSpec(config.model, train_info.num_classes, train_info.input_shape, train_info.mean, train_info.std,
                      regularizer=config.regularizer)
@@ -516,7 +481,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     if ckpt is not None:
         load_state_strict(net, ckpt.state_dict, str(run_dir / CHECKPOINT_NAME))
     if ctx.rank > 0:  # each rank its own augmentation stream
-        seed_everything(_stream_seed(config.seed, ctx.rank))
+        seed_everything(stream_seed(config.seed, ctx.rank))
     net.to(device)
     if config.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -546,7 +511,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         else:  # another number of processes: exactness is lost anyway, keep the streams distinct
             log.warning("resuming with %d processes, the run had %d: fresh random streams", ctx.world_size,
                         len(state["rng"]))
-            seed_everything(_stream_seed(config.seed, ctx.rank, first_epoch))
+            seed_everything(stream_seed(config.seed, ctx.rank, first_epoch))
         log.info("resuming %s after epoch %d", run_dir, first_epoch)
 
     train_model: nn.Module = net
@@ -562,7 +527,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     train_loader = DataLoader(uint8_view(train_set), batch_sampler=sampler, num_workers=config.workers,
                               collate_fn=collate_readable, pin_memory=device.type == "cuda",
                               generator=loader_generator)
-    val_shard = Subset(val_set, D.shard_indices(len(val_set), ctx.rank, ctx.world_size)) if ctx.distributed \
+    val_shard = Subset(val_set, shard_indices(len(val_set), ctx.rank, ctx.world_size)) if ctx.distributed \
         else val_set
     eval_batch = max(1, config.batch_size // ctx.world_size)
     val_loader = build_loader(val_shard, batch_size=eval_batch, workers=config.workers, uint8=True)
@@ -579,7 +544,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         start = time.perf_counter()
         lr = set_lr(optimizer, lr_factor(config, epoch))
         sampler.set_epoch(epoch)
-        loader_generator.manual_seed(_stream_seed(config.seed, epoch, ctx.rank))  # worker seeds
+        loader_generator.manual_seed(stream_seed(config.seed, epoch, ctx.rank))  # worker seeds
         progress.start_epoch(epoch, lr)
         try:
             stats = train_one_epoch(train_model, train_loader, recipe, optimizer, device=device, epoch=epoch,
@@ -606,7 +571,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
         train_top1 = NAN
         if last:
             clean = clean_train_split(config, data_kw)
-            clean_shard = Subset(clean, D.shard_indices(len(clean), ctx.rank, ctx.world_size)) if ctx.distributed \
+            clean_shard = Subset(clean, shard_indices(len(clean), ctx.rank, ctx.world_size)) if ctx.distributed \
                 else clean
             train_top1 = evaluate(net, build_loader(clean_shard, batch_size=eval_batch, workers=config.workers,
                                                     uint8=True),

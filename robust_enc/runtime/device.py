@@ -1,5 +1,5 @@
-"""Where measurements run and in what arithmetic: the current CUDA device for a whole evaluation, and strict fp32
-(no TF32, no cuDNN autotuning) for attacks and GBR.
+"""Where every stage runs and in what arithmetic: ``--device`` resolved, the current CUDA device for a whole
+evaluation, and strict fp32 (no TF32, no cuDNN autotuning) for attacks and GBR.
 
 Why: ART builds some estimators on ``torch.cuda.current_device()`` (APGD makes its own ``PyTorchClassifier`` and
 moves the caller's model there in place), so ``--device cuda:1`` must be the current device while an evaluation
@@ -15,8 +15,23 @@ from collections.abc import Iterator
 
 import torch
 
+from robust_enc.errors import UserError
+
 # What ``strict_fp32`` enforces, as the results' provenance states it.
 MEASUREMENT_PRECISION = "fp32 (TF32 off, cudnn.benchmark off)"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto (cuda when available), cpu, cuda or cuda:N; a GPU torch cannot see is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+    return device
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
-"""Process-group helpers for runs launched with ``torchrun`` (one process per GPU, or several CPU processes with gloo).
+"""The process group of runs launched with ``torchrun`` (one process per GPU, or several CPU processes with gloo).
 
-Generic on purpose (training and attack sweeps both use them): everything is a no-op in a plain single-process run,
+Generic on purpose (training and evaluation both use it): everything is a no-op in a plain single-process run,
 so callers never branch on "am I distributed?" themselves. ``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; ``init_distributed`` reads them.
 """
@@ -8,6 +8,7 @@ MASTER_ADDR and MASTER_PORT; ``init_distributed`` reads them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -17,9 +18,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from robust_enc.errors import UserError
+from robust_enc.runtime.device import current_device, resolve_device, strict_fp32
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,10 +119,19 @@ def _collective_device() -> torch.device:
 
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum of ``values`` over all ranks (float64, so sample counts stay exact up to 2^53)."""
-    if not is_distributed():
+    return _all_reduce(values, "SUM")
+
+
+def all_reduce_max(values: Sequence[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over all ranks."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: Sequence[float], op: str) -> list[float]:
+    if not is_distributed() or not len(values):
         return [float(v) for v in values]
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.cpu().tolist()
 
 
@@ -176,55 +186,13 @@ def cleanup() -> None:
     _host_group = None
 
 
-def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
-    """Every world_size-th index from ``rank``: disjoint shards covering range(size) exactly once, no padding
-    (torch's DistributedSampler pads with repeats, which would count some examples twice in an evaluation)."""
-    return list(range(rank, size, world_size))
+@contextlib.contextmanager
+def evaluation_process(device_name: str) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world, device) for one evaluation, with ``device`` the current CUDA device throughout (ART's APGD builds
+    its classifier on the current device) and attacks and GBR in strict fp32 (``runtime.device``).
 
-
-class GlobalBatchSampler(Sampler[list[int]]):
-    """Batches of a data set for one rank, cut from *global* batches of ``batch_size`` examples.
-
-    The order is a permutation drawn from (seed, epoch) alone, cut into global batches; rank r takes items r,
-    r + world, ... of each. So every epoch visits each example exactly once summed over ranks (no padding, no
-    dropping), the global batches do not depend on the number of processes (but for the tail rule below), and
-    resuming needs no sampler state. Per-rank batches hold batch_size / world examples (one more or less when it
-    does not divide).
-    A trailing global batch with fewer than 2 x world_size examples is merged into the previous one, so every rank
-    gets the same number of non-empty batches (uneven counts would leave a rank waiting in all-reduce) and the tail
-    gives no rank a batch of one (a train-mode BN on a 1x1 feature map cannot normalize it; batch sizes below
-    2 x world_size are checked by the training loop). Call ``set_epoch`` before each epoch, as with
-    DistributedSampler.
-    """
-
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
-        if batch_size < world_size:
-            raise UserError(f"--batch-size {batch_size} is the global batch: it must be at least the number of "
-                            f"processes ({world_size})")
-        if size < world_size:
-            raise UserError(f"the training set has {size} examples, fewer than the {world_size} processes")
-        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _global_batches(self) -> list[torch.Tensor]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator)
-        else:
-            order = torch.arange(self.size)
-        batches = list(order.split(self.batch_size))
-        if len(batches) > 1 and len(batches[-1]) < 2 * self.world_size:
-            batches[-2:] = [torch.cat(batches[-2:])]
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global_batches():
-            yield batch[self.rank::self.world_size].tolist()
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        return full + (1 if rest >= 2 * self.world_size or full == 0 else 0)
+    Under torchrun (WORLD_SIZE > 1) the process group is the one the CLI joined (or joined here, by the same path as
+    training: timeout, ``device_id``), and it stays joined for the next stage: each rank on its own GPU."""
+    ctx, device = init_distributed(resolve_device(device_name))
+    with current_device(device), strict_fp32():
+        yield ctx.rank, ctx.world_size, device
