@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from benchmarks._common import alternate, machine, write_section
-from robust_enc.attacks import benchmark
+from robust_enc.attacks import evaluate_model
 from robust_enc.checkpoint import state_hash
 from robust_enc.data import DatasetInfo, build_dataset, build_loader
 from robust_enc.models import ModelSpec, build_model
@@ -104,7 +104,8 @@ def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> 
     taken out of the other parts."""
     profile = cProfile.Profile()
     profile.enable()
-    benchmark(model, data, info=info, attacks=("pgd",), eps=(EPS,), steps=10, device=device, checkpoint_hash="bench")
+    evaluate_model(model, data, info=info, attacks=("pgd",), eps=(EPS,), steps=10, device=device,
+                   checkpoint_hash="bench")
     profile.disable()
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
 
@@ -166,7 +167,7 @@ def cpu_part(args: argparse.Namespace) -> str:
     model_hash = state_hash(model.state_dict())  # once: not part of what is timed
 
     def run_suite(attack: str, steps: int | None, eps=(EPS,)) -> Callable[[], object]:
-        return lambda: benchmark(model, data, info=info, attacks=(attack,), eps=eps, steps=steps,
+        return lambda: evaluate_model(model, data, info=info, attacks=(attack,), eps=eps, steps=steps,
                                  batch_size=args.batch_size, device="cpu", checkpoint_hash=model_hash)
 
     def run_bare(steps: int) -> Callable[[], object]:
@@ -178,7 +179,7 @@ def cpu_part(args: argparse.Namespace) -> str:
                 model.requires_grad_(True)
         return go
 
-    rows = benchmark(model, data, info=info, attacks=("fgsm", "pgd"), eps=(EPS,), steps=10,
+    rows = evaluate_model(model, data, info=info, attacks=("fgsm", "pgd"), eps=(EPS,), steps=10,
                      batch_size=args.batch_size, device="cpu", checkpoint_hash="bench")
     acc = {r.attack: r for r in rows}
     bare_fgsm, bare_pgd = run_bare(0)(), run_bare(10)()
@@ -256,7 +257,7 @@ def gpu_part(args: argparse.Namespace) -> str:
     model_hash = state_hash(model_all.state_dict())  # once: not part of what is timed
 
     def run_suite(attack: str, steps: int | None) -> Callable[[], object]:
-        return lambda: benchmark(model_all, data, info=info, attacks=(attack,), eps=(EPS,), steps=steps,
+        return lambda: evaluate_model(model_all, data, info=info, attacks=(attack,), eps=(EPS,), steps=steps,
                                  batch_size=args.gpu_batch_size, device=args.gpu_device, checkpoint_hash=model_hash)
 
     def run_bare(steps: int) -> Callable[[], object]:
@@ -355,7 +356,7 @@ def autoattack_part(args: argparse.Namespace) -> str:
     x, y = next(iter(build_loader(data, batch_size=len(data))))  # a subset is a torch Subset (no .x)
     results = {}
     start = time.perf_counter()
-    rows = benchmark(model, data, info=info, attacks=("autoattack",), eps=(eps,), batch_size=args.aa_n,
+    rows = evaluate_model(model, data, info=info, attacks=("autoattack",), eps=(eps,), batch_size=args.aa_n,
                      device="cpu", checkpoint_hash="bench")
     results["suite: cascade (APGD-CE, APGD-T, Square)"] = (time.perf_counter() - start, rows[1].adv_top1,
                                                            rows[1].flags or "none")

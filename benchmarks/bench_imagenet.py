@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from benchmarks._common import alternate, machine, write_section
-from robust_enc.attacks import benchmark
+from robust_enc.attacks import evaluate_model
 from robust_enc.data import build_dataset, build_loader
 from robust_enc.imagenet import canonical_wnids
 from robust_enc.models import ModelSpec, build_model
@@ -105,8 +105,8 @@ def baked_vs_parametrized(args: argparse.Namespace) -> list[str]:
     baked = bake_model(baked).eval()
 
     def fgsm(model: torch.nn.Module) -> Callable[[], object]:
-        return lambda: benchmark(model, data, info=info, attacks=("fgsm",), eps=(EPS,), batch_size=args.model_batch,
-                                 device=args.device)
+        return lambda: evaluate_model(model, data, info=info, attacks=("fgsm",), eps=(EPS,),
+                                      batch_size=args.model_batch, device=args.device)
 
     rows_p, rows_b = fgsm(parametrized)(), fgsm(baked)()
     same = [(r.clean_top1, r.adv_top1) for r in rows_p] == [(r.clean_top1, r.adv_top1) for r in rows_b]

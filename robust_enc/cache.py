@@ -169,28 +169,3 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
     if cached.meta.get("format") != CACHE_FORMAT:
         raise UserError(f"{folder} is not a cache this version reads: delete it")
     return cached
-
-
-# ------------------------------------------------------------------------------------------------ robust-enc cache
-def add_arguments(parser: Any) -> None:
-    from robust_enc.cli import add_data_arguments, add_file_data_arguments
-
-    add_data_arguments(parser, default_dataset="imagenet")
-    add_file_data_arguments(parser)
-    parser.add_argument("--split", default="", help="data split (default: the data set's evaluation split)")
-    parser.add_argument("--image-size", type=int, default=224, help="centre crop size in pixels (default 224)")
-
-
-def run(args: Any) -> int:
-    from robust_enc.data import build_dataset, eval_split
-
-    if not args.cache:
-        raise UserError("robust-enc cache needs --cache DIR (the folder the decoded images go to)")
-    split = args.split or eval_split(args.dataset)
-    dataset, info = build_dataset(args.dataset, split, data_dir=args.data_dir, download=args.download,
-                                  subset=args.subset, image_size=args.image_size, subset_list=args.subset_list,
-                                  cache=args.cache, workers=args.workers)
-    assert isinstance(dataset, CachedImages)
-    print(f"{len(dataset)} images of {info.name} ({split}) cached in {dataset.folder}; pass --cache {args.cache} "
-          "to robust-enc attack")
-    return 0

@@ -10,7 +10,6 @@ line naming ``robust-enc checkpoint convert``, which rewrites a *trusted* one in
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import pickle
@@ -247,21 +246,54 @@ def convert_checkpoint(path: str | Path) -> bool:
     return True
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    convert = sub.add_parser("convert", help="rewrite trusted checkpoints of robust-enc format 1 in the safe format "
-                                             "(reading them unpickles them: only files you trust)")
-    convert.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or run folders")
+# ------------------------------------------------------------------------------------------------ what gets measured
+@dataclass
+class ModelSource:
+    """The model a measurement (attack, GBR) takes: a robust-enc checkpoint, or a registry model with plain
+    torchvision/timm weights (a state-dict file, or ``pretrained``)."""
 
+    checkpoint: Checkpoint | None = None
+    model: str = ""  # model registry name, with ``weights``
+    weights: str = ""
 
-def run(args: argparse.Namespace) -> int:
-    for given in args.paths:
-        folder = Path(given)
-        # A run folder's two checkpoint files (train.run_folder.EXPORT_NAME is the second; it imports this module).
-        paths = [p for p in (folder / CHECKPOINT_NAME, folder / "exported.pt") if p.is_file()] if folder.is_dir() \
-            else [checkpoint_file(folder)]
-        if not paths:
-            checkpoint_file(folder)  # raises the usual "no checkpoint" line
-        for path in paths:
-            print(f"{path}: {'converted' if convert_checkpoint(path) else 'already in the safe format'}")
-    return 0
+    @classmethod
+    def open(cls, *, checkpoint: str = "", model: str = "", weights: str = "") -> ModelSource:
+        """Read the checkpoint (run folder or file), or take --model/--weights; anything else is a UserError."""
+        if bool(checkpoint) == bool(model or weights):
+            raise UserError("give either --checkpoint or --model with --weights, not both: --checkpoint "
+                            "RUN_OR_FILE, or --model NAME --weights PATH")
+        if checkpoint:
+            return cls(load_checkpoint(checkpoint))
+        if not (model and weights):
+            raise UserError("--model and --weights go together: --model NAME --weights PATH")
+        return cls(None, model, weights)
+
+    def dataset(self, given: str | None) -> str:
+        """The data set to measure on: ``given``, else the one the checkpoint was trained on."""
+        info = self.checkpoint.dataset_info if self.checkpoint is not None else None
+        if given or info is not None:
+            return given or info.name
+        if self.checkpoint is not None:
+            raise UserError(f"checkpoint {self.checkpoint.path} records no data set: pass --dataset")
+        raise UserError("--model/--weights needs --dataset (the model is built for that data set's classes and size)")
+
+    @property
+    def image_size(self) -> int | None:
+        """Square inputs of a checkpoint's model: image-folder data sets are resized to what it was trained on."""
+        if self.checkpoint is None:
+            return None
+        _, height, width = self.checkpoint.spec.input_shape
+        return int(height) if height == width else None
+
+    def build(self, info: DatasetInfo) -> NormalizedModel:
+        """The model in eval mode, for data set ``info``: a checkpoint's model built for other classes or image sizes
+        is a UserError (plain weights are loaded into the registry model built for ``info``)."""
+        if self.checkpoint is None:
+            spec = ModelSpec(self.model, info.num_classes, info.input_shape, info.mean, info.std)
+            return load_plain_weights(spec, self.weights)
+        spec = self.checkpoint.spec
+        if (spec.num_classes, tuple(spec.input_shape)) != (info.num_classes, tuple(info.input_shape)):
+            raise UserError(f"the model was built for {spec.num_classes} classes of {tuple(spec.input_shape)} images, "
+                            f"but {info.name} ({info.split}) has {info.num_classes} classes of "
+                            f"{tuple(info.input_shape)}: pass the data set the model was trained on (--dataset)")
+        return model_from_checkpoint(self.checkpoint)

@@ -32,13 +32,10 @@ measurement therefore also records scale-free companions on the same examples an
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -47,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_enc.errors import UserError
+from robust_enc.models import frozen
 from robust_enc.registry import Registry
 from robust_enc.runtime.device import strict_fp32
 
@@ -124,7 +122,7 @@ class GBRResult:
         return asdict(self)
 
 
-def _check_options(output: str, method: str, probes: int, max_exact_classes: int = 1) -> OutputFn:
+def check_options(output: str, method: str, probes: int, max_exact_classes: int = 1) -> OutputFn:
     fn = OUTPUTS.get(output)  # unknown names raise a UserError listing the known ones
     if method not in METHODS:
         raise UserError(f"unknown gbr method {method!r}; use one of {', '.join(METHODS)}")
@@ -236,41 +234,6 @@ def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, outp
     return PerExample(values.cpu(), method, spread.cpu(), loss_gbr.cpu())
 
 
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Parameters with requires_grad off for the duration: no .grad left behind, and the backward passes skip the
-    weight gradients (faster). The original flags are restored, also on error."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def measuring(model: nn.Module, *, train_mode: bool = False) -> Iterator[None]:
-    """Eval (or train) mode and frozen parameters while measuring; mode, flags and buffers restored afterwards.
-
-    Buffers are restored because a train-mode forward updates BN running statistics: measuring must not change the
-    model."""
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if train_mode else {}
-    model.train(train_mode)
-    try:
-        with frozen_parameters(model):
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-
-
 def per_example_gbr(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, output: str = "logits",
                     method: str = "exact", probes: int = 4, generator: torch.Generator | None = None,
                     max_exact_classes: int = 100, train_mode: bool = False) -> torch.Tensor:
@@ -280,8 +243,8 @@ def per_example_gbr(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = 
     own Jacobian block, B times the cost), on x's device; the model's modes, requires_grad flags and buffers are
     restored and no ``.grad`` is left. ``generator`` (a CPU generator) draws hutchinson probes.
     """
-    fn = _check_options(output, method, probes, max_exact_classes)
-    with measuring(model, train_mode=train_mode):
+    fn = check_options(output, method, probes, max_exact_classes)
+    with frozen(model, train_mode=train_mode):
         return _per_example(model, x, y, fn, method, probes, max_exact_classes, generator, coupled=train_mode).values
 
 
@@ -329,14 +292,14 @@ def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
                max_exact_classes: int = 100, companions: bool = True) -> PerExample:
     """Per-example values [n] (float64, CPU; n may be 0: no error, so a rank with an empty shard can still join the
     reduction), the method that ran, and the companions (None in train mode). Arguments as ``measure_gbr``."""
-    fn = _check_options(output, method, probes, max_exact_classes)
+    fn = check_options(output, method, probes, max_exact_classes)
     original_device = _model_device(model)
     device = torch.device(device) if device is not None else original_device
     generator = torch.Generator().manual_seed(seed)  # CPU: probes independent of device and batching
     parts: list[PerExample] = []
     try:
         model.to(device)
-        with measuring(model, train_mode=train_mode), strict_fp32():  # TF32 would move GBR (robust_enc.device)
+        with frozen(model, train_mode=train_mode), strict_fp32():  # TF32 would move GBR (runtime.device)
             for j, (x, y) in enumerate(batches):
                 if len(x) == 0:  # a batch whose images were all unreadable
                     continue
@@ -390,103 +353,3 @@ def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     log.info("gbr %s (%s): %.4g +- %.2g over %d examples in %.1f s", output, measured.method, result.mean,
              result.stderr, result.n, result.wall_s)
     return (result, measured.values) if return_values else result
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from robust_enc.cli import add_data_arguments, add_device_argument
-
-    source = parser.add_argument_group("model")
-    source.add_argument("--checkpoint", default=None, help="run folder or robust-enc checkpoint file")
-    source.add_argument("--model", default=None, help="model registry name, with --weights (plain state dict)")
-    source.add_argument("--weights", default=None,
-                        help="plain torchvision/timm state dict file, with --model, or 'pretrained' (online)")
-    add_data_arguments(parser, default_dataset=None)  # default: the checkpoint's data set
-    parser.add_argument("--split", default="test", help="data set split (default: test)")
-    gbr = parser.add_argument_group("gbr")
-    gbr.add_argument("--output", default="logits", help=f"what f is: {', '.join(OUTPUTS.names())} (default: logits)")
-    gbr.add_argument("--method", default="auto", help="auto (exact up to --max-exact-classes outputs), exact or "
-                                                      "hutchinson (random projections)")
-    gbr.add_argument("--probes", type=int, default=4, help="Rademacher probes per example for hutchinson")
-    gbr.add_argument("--max-exact-classes", type=int, default=100, help="auto uses exact up to this many outputs")
-    gbr.add_argument("--train-mode", action="store_true",
-                     help="measure in train mode: BN uses each batch's statistics and each example's own Jacobian "
-                          "block is taken, which costs --batch-size times the eval-mode backward passes")
-    gbr.add_argument("--seed", type=int, default=0, help="seed of the hutchinson probes")
-    add_device_argument(parser)
-    parser.add_argument("--json", default=None, help="also write the result (and its provenance) to this JSON file")
-
-
-def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], Any, str]:
-    """(model, provenance, ModelSpec, dataset name) from --checkpoint or --model/--weights."""
-    from robust_enc.checkpoint import load_checkpoint, model_from_checkpoint
-
-    if args.checkpoint and (args.model or args.weights):
-        raise UserError("give either --checkpoint or --model with --weights, not both")
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        dataset = args.dataset or (ckpt.dataset_info.name if ckpt.dataset_info else None)
-        if not dataset:
-            raise UserError(f"checkpoint {ckpt.path} records no data set: pass --dataset")
-        provenance = {"run_id": ckpt.run_id, "checkpoint": ckpt.path, "checkpoint_hash": ckpt.content_hash,
-                      "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer}
-        return model_from_checkpoint(ckpt), provenance, ckpt.spec, dataset
-    if not (args.model and args.weights):
-        raise UserError("say which model: --checkpoint RUN_OR_FILE, or --model NAME with --weights PATH")
-    if not args.dataset:
-        raise UserError("--model/--weights needs --dataset (the model is built for that data set's classes and size)")
-    return None, {"run_id": args.weights, "model": args.model, "regularizer": "baseline"}, None, args.dataset
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-
-    from robust_enc.checkpoint import load_plain_weights, state_hash
-    from robust_enc.data import build_dataset, build_loader
-    from robust_enc.io import write_text_atomic
-    from robust_enc.models import ModelSpec
-    from robust_enc.results import library_versions
-    from robust_enc.runtime.device import resolve_device
-
-    _check_options(args.output, args.method, args.probes, args.max_exact_classes)  # fail before loading anything
-    device = resolve_device(args.device)
-    model, provenance, spec, dataset_name = _load_model(args)
-    image_size = spec.input_shape[-1] if spec is not None else None  # folder/ImageNet data: the checkpoint's size
-    dataset, info = build_dataset(dataset_name, args.split, data_dir=args.data_dir, download=args.download,
-                                  subset=args.subset, image_size=image_size)
-    if spec is None:
-        spec = ModelSpec(args.model, info.num_classes, info.input_shape, info.mean, info.std)
-        model = load_plain_weights(spec, args.weights)
-        provenance["checkpoint_hash"] = state_hash(model.state_dict())
-    elif (spec.num_classes, tuple(spec.input_shape)) != (info.num_classes, tuple(info.input_shape)):
-        raise UserError(f"the checkpoint's model takes {spec.num_classes} classes x {tuple(spec.input_shape)} inputs, "
-                        f"data set {info.name} has {info.num_classes} classes x {tuple(info.input_shape)}; "
-                        "pass the --dataset it was trained on")
-    loader = build_loader(dataset, batch_size=args.batch_size, workers=args.workers)
-    result = measure_gbr(model, loader, output=args.output, method=args.method, probes=args.probes, device=device,
-                         train_mode=args.train_mode, seed=args.seed, max_exact_classes=args.max_exact_classes)
-
-    console = Console()
-    probes = f", {result.probes} probes" if result.method == "hutchinson" else ""
-    mode = "train" if args.train_mode else "eval"
-    console.print(f"[bold]GBR[/bold] ({result.output}, {result.method}{probes}, {mode} mode) of "
-                  f"{escape(str(provenance['run_id']))} on {escape(info.name)}/{escape(info.split)}: "
-                  f"[bold]{result.mean:.6g}[/bold] ± {result.stderr:.3g} (stderr)")
-    # escape: rich reads "[nan, nan]" (n = 1) as a markup tag and drops it.
-    console.print(escape(f"  95% CI [{result.ci_low:.6g}, {result.ci_high:.6g}], n = {result.n}; per sample median "
-                         f"{result.median:.4g}, p05 {result.p05:.4g}, p95 {result.p95:.4g}; {result.wall_s:.1f} s"))
-    if math.isfinite(result.logit_spread):
-        scale_free = f"GBR / spread {result.gbr_scale_free:.4g}, " if math.isfinite(result.gbr_scale_free) else ""
-        console.print(escape(f"  scale-free: logit spread {result.logit_spread:.4g}, {scale_free}"
-                             f"loss GBR {result.gbr_loss:.4g}"))
-    if args.json:
-        payload = {**provenance, "dataset": info.name, "split": info.split, "subset": args.subset,
-                   "train_mode": args.train_mode, "seed": args.seed, "device": str(device),
-                   **result.to_dict(), **library_versions()}
-        # JSON has no NaN or inf: NaN (undefined) becomes null, an overflowed GBR the string "inf".
-        payload = {k: ((None if math.isnan(v) else str(v)) if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in payload.items()}
-        write_text_atomic(args.json, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-        console.print(f"  wrote {escape(str(args.json))}")
-    return 0

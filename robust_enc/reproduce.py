@@ -8,12 +8,10 @@ in ``robust_enc/presets/`` (or any path): readable, editable.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robust_enc.errors import UserError
+from robust_enc.runtime.distributed import is_distributed, is_main
 
 if TYPE_CHECKING:
     from robust_enc.reports import Report
@@ -95,9 +94,10 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
          epochs: int | None = None, workers: int | None = None) -> list[tuple[Any, Any]]:
     """(TrainConfig, AttackConfig) for every row x seed x evaluation that runs on the row; validates every spec and
     setting before anything runs."""
-    from robust_enc.attacks.registry import parse_attacks, parse_eps
-    from robust_enc.attacks.runner import AttackConfig
+    from robust_enc.attacks.config import AttackConfig
+    from robust_enc.attacks.registry import parse_attacks
     from robust_enc.config import replace_checked
+    from robust_enc.results import parse_eps
     from robust_enc.train.loop import TrainConfig, resolve_config
 
     train_overrides = dict(preset.train)
@@ -197,9 +197,9 @@ def _attack_done(attack_config: Any) -> bool:
     attacks, eps, norm, steps, step size and restarts (as the attack registry resolves them), subset and seed, with a
     finite GBR when the config measures it. Rows of another config (a PGD-3 sweep when PGD-10 is asked) do not
     count."""
-    from robust_enc.attacks.registry import ATTACKS, parse_eps
+    from robust_enc.attacks.registry import ATTACKS
     from robust_enc.checkpoint import load_checkpoint
-    from robust_enc.results import read_results
+    from robust_enc.results import parse_eps, read_results
 
     results = Path(attack_config.out)
     if not results.is_file():
@@ -237,10 +237,9 @@ def sanity_flags(pairs: list[tuple[Any, Any]]) -> list[str]:
     return lines
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Rank 0 under torchrun, and any plain run: the one process that writes and prints the report. Before the
     process group is joined (it is joined once and kept), the rank torchrun set decides."""
-    from robust_enc.runtime.distributed import is_distributed, is_main
 
     return is_main() if is_distributed() else int(os.environ.get("RANK", "0")) == 0
 
@@ -251,7 +250,7 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
     ``out/report`` (Table 3 rows in the preset's order). Finished trainings and attacks are skipped, so an
     interrupted study resumes. Returns the report and its files; (None, {}) on the other ranks under torchrun, where
     only rank 0 writes the report."""
-    from robust_enc.attacks.runner import evaluate
+    from robust_enc.attacks.evaluation import evaluate
     from robust_enc.reports import make_report, write_report
     from robust_enc.train.loop import train
 
@@ -273,7 +272,7 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
         log.warning("[sweep %d/%d] %s", i, len(sweep), train_config.run_id)
         train(train_config)
     log.warning("trained and attacked %d models in %.0f s", len(trained), time.perf_counter() - start)
-    if not _is_main_process():
+    if not is_main_process():
         return None, {}
     report = make_report([out / "runs"], baseline=preset.report.get("baseline"), link_base=out / "report",
                          order=preset.rows)
@@ -281,58 +280,3 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
     if sweep and (figure := plot_sweep(preset, sweep, pairs, out / "report" / "plots" / SWEEP_PLOT)) is not None:
         written[f"plots/{SWEEP_PLOT}"] = figure
     return report, written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="quick",
-                        help=f"{', '.join(PRESET_NAMES)} or a preset .json file (default: quick, on embedded data)")
-    parser.add_argument("--out", type=Path, default=None, help="study folder (default: reports/<preset>)")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, overriding the preset's (e.g. 0,1,2)")
-    parser.add_argument("--rows", default=None,
-                        help="only these rows of the preset, separated by commas (e.g. baseline,enc)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's training epochs")
-    parser.add_argument("--data-dir", default=None, help="folder holding the data set files")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-
-
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from rich.console import Console
-
-    from robust_enc.attacks.cli import print_flags
-    from robust_enc.reports.render import rich_table
-    from robust_enc.reports.tables import select_threats, threat_columns
-
-    preset = load_preset(args.preset)
-    if args.seeds:
-        try:
-            preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
-        except ValueError:
-            raise UserError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
-    if args.rows:
-        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-        missing = [r for r in rows if r not in preset.rows]
-        if missing:
-            raise UserError(f"--rows {missing} are not rows of preset {preset.name}: {', '.join(preset.rows)}")
-        preset = dataclasses.replace(preset, rows=rows)
-    out = args.out or Path("reports") / preset.name
-    pairs = plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
-    sweep_plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)
-    if _is_main_process():
-        Console(stderr=True).print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
-    report, written = reproduce(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs,
-                                workers=args.workers)
-    if report is None:  # not rank 0: that one prints
-        return 0
-    # The terminal gets the paper's view: FGSM (Table 3's attack) at every eps; the report has every attack.
-    fgsm = any(t.attack == "fgsm" for _, t in threat_columns(report.full_table3))
-    view = select_threats(report.full_table3, attack="fgsm") if fgsm else report.tables["table3"]
-    Console(width=None if sys.stdout.isatty() else 200).print(
-        rich_table(view, "table3", f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), "
-                                   "difference to the baseline, GBR"))
-    print(f"report: {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
-          f"plots: {out / 'report' / 'plots'})")
-    print_flags(sanity_flags(pairs))  # one panel for the whole study
-    return 0

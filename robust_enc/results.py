@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +52,35 @@ def library_versions() -> dict[str, str]:
     except PackageNotFoundError:
         art = ""
     return {"robust_enc_version": __version__, "torch_version": torch.__version__, "art_version": art}
+
+
+def parse_eps_value(item: str | float, norm: str = "linf") -> float:
+    """"8/255", "0.03" or 0.03 -> a float in pixel units: in [0, 1] for linf; >= 0 for l2, where the field's radii go
+    past 1 (RobustBench's CIFAR-10 L2 eps is 0.5, ImageNet's common one 3.0)."""
+    if isinstance(item, (int, float)):
+        value = float(item)
+    else:
+        num, sep, den = item.strip().partition("/")
+        try:
+            value = float(num) / float(den) if sep else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"bad eps {item!r}: give floats or k/255 fractions, e.g. 1/255,2/255,0.03") from None
+    if norm == "l2":
+        if not (math.isfinite(value) and value >= 0.0):
+            raise UserError(f"L2 eps {item} = {value:g} must be a finite number >= 0 (pixel units, e.g. 0.5)")
+    elif not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise UserError(f"eps {item} = {value:g} is outside [0, 1]: eps is in pixel units of images in [0, 1] "
+                        "(use 8/255, not 8)")
+    return value
+
+
+def parse_eps(text: str | float | Sequence[str | float], norm: str = "linf") -> tuple[float, ...]:
+    """"1/255,2/255,0.03" (or a list of such items) -> sorted unique floats in pixel units (see ``parse_eps_value``)."""
+    items = text.split(",") if isinstance(text, str) else ([text] if isinstance(text, (int, float)) else list(text))
+    values = [parse_eps_value(item, norm) for item in items if not isinstance(item, str) or item.strip()]
+    if not values:
+        raise UserError("--eps needs at least one value, e.g. --eps 1/255,2/255,4/255")
+    return tuple(sorted(set(values)))
 
 
 @dataclass

@@ -13,13 +13,14 @@ from torch import nn
 
 from robust_enc.attacks import art_adapter
 from robust_enc.attacks.checks import RowStats, check_rows, mcnemar_p
-from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
-from robust_enc.attacks.runner import AttackConfig, _measure_gbr, benchmark, evaluate
+from robust_enc.attacks.config import AttackConfig
+from robust_enc.attacks.evaluation import _measure_gbr, evaluate, evaluate_model
+from robust_enc.attacks.registry import ATTACKS, parse_attacks
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import DatasetInfo, TensorImages, build_dataset, build_loader
-from robust_enc.models import ModelSpec, build_model
-from robust_enc.results import ResultRow, read_results
+from robust_enc.models import ModelSpec, build_model, frozen
+from robust_enc.results import ResultRow, parse_eps, read_results
 from robust_enc.runtime.seeding import seed_everything, seed_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +94,7 @@ def test_fgsm_sweep_through_the_public_api_equals_art_fast_gradient_method(train
     x, y = test_batch
     classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device=torch.device("cpu"))
     x_np, y_np = art_adapter.to_numpy_images(x), art_adapter.one_hot(y, 10)
-    with art_adapter.frozen(model):
+    with frozen(model):
         step = art_adapter.fgsm_direction(classifier, x, torch.from_numpy(y_np), norm)  # one gradient
         for eps in (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 0.25, 1.0):
             x_sweep = art_adapter.fgsm_apply(x, step, eps, norm).numpy()
@@ -130,9 +131,9 @@ def test_suite_pgd_equals_hand_written_torch_pgd_bit_for_bit(trained, test_batch
     model, _, _ = trained
     x, y = test_batch
     eps = 16 / 255
-    rows = benchmark(model, TensorImages(x, y), info=replace(build_dataset("digits", "test")[1], subset=128),
+    rows = evaluate_model(model, TensorImages(x, y), info=replace(build_dataset("digits", "test")[1], subset=128),
                      attacks=("pgd",), eps=(eps,), steps=5, random_start=False, device="cpu", batch_size=128)
-    with art_adapter.frozen(model):
+    with frozen(model):
         expected = hand_written_pgd(model, x, y, eps, 2.5 * eps / 5, 5)
         classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8),
                                                   device=torch.device("cpu"))
@@ -153,8 +154,8 @@ def test_pgd_restarts_only_add_fooled_examples(trained, test_batch):
     eps = 8 / 255
     common = dict(attacks=("pgd",), eps=(eps,), steps=3, device="cpu", batch_size=128, seed=1)
     data, info = TensorImages(x, y), replace(build_dataset("digits", "test")[1], subset=128)
-    one = benchmark(model, data, info=info, restarts=1, **common)[1]
-    three = benchmark(model, data, info=info, restarts=3, **common)[1]
+    one = evaluate_model(model, data, info=info, restarts=1, **common)[1]
+    three = evaluate_model(model, data, info=info, restarts=3, **common)[1]
     assert three.adv_top1 <= one.adv_top1 and three.restarts == 3 and not three.flags
 
 
@@ -165,7 +166,7 @@ def test_pgd_stays_inside_ball_and_box(trained, test_batch, norm):
     torch.manual_seed(0)
     classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device=torch.device("cpu"))
     eps = 8 / 255 if norm == "linf" else 1.5  # L2 radii go past 1 (sqrt(64) = 8 is the 8x8 cube's diameter)
-    with art_adapter.frozen(model):
+    with frozen(model):
         x_adv = art_adapter.pgd(classifier, x, y, eps=eps, norm=norm, steps=5, step_size=2.5 * eps / 5, restarts=2,
                                 num_classes=10)
     delta = (x_adv - x).flatten(1)
@@ -183,7 +184,7 @@ def test_model_state_is_restored_after_an_attack(trained):
     modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    rows = benchmark(model, "digits", attacks=("fgsm",), eps=(4 / 255,), subset=64, device="cpu")
+    rows = evaluate_model(model, "digits", attacks=("fgsm",), eps=(4 / 255,), subset=64, device="cpu")
     assert [m.training for m in model.modules()] == modes and not frozen_bn.training
     assert [p.requires_grad for p in model.parameters()] == flags
     for p, g in zip(model.parameters(), grads):  # ART's zero_grad/backward did not touch the weights' .grad
@@ -203,7 +204,7 @@ def test_every_registered_attack_respects_ball_box_and_clean_bound(trained, norm
     eps = (0.0, 8 / 255) if norm == "linf" else (0.0, 0.5)
     # autoattack has its own test: its Square stage makes 5,000 queries whatever --steps says
     names = [name for name in ATTACKS.names() if name != "autoattack"]
-    rows = benchmark(model, "digits", attacks=names, eps=eps, norm=norm, subset=64, steps=3, batch_size=64,
+    rows = evaluate_model(model, "digits", attacks=names, eps=eps, norm=norm, subset=64, steps=3, batch_size=64,
                      device="cpu")
     attacks = {r.attack for r in rows}
     assert attacks == {"none", "worst", *names}
@@ -222,7 +223,7 @@ def test_every_registered_attack_respects_ball_box_and_clean_bound(trained, norm
 def test_invariants_on_the_trained_model(trained):
     model, _, _ = trained
     eps = (0.0, 1 / 255, 4 / 255, 16 / 255, 64 / 255)
-    rows = benchmark(model, "digits", attacks=("fgsm", "pgd"), eps=eps, steps=5, device="cpu", batch_size=128)
+    rows = evaluate_model(model, "digits", attacks=("fgsm", "pgd"), eps=eps, steps=5, device="cpu", batch_size=128)
     by = {(r.attack, r.eps): r for r in rows}
     clean = by[("none", 0.0)]
     assert clean.n == 450 and clean.clean_top1 > 0.9
@@ -249,12 +250,12 @@ def test_worst_is_the_per_example_and_not_the_minimum_of_the_totals(trained):
     model, _, _ = trained
     data, info = build_dataset("digits", "test")
     eps_values = (16 / 255, 32 / 255)
-    rows = benchmark(model, data, info=info, attacks=("fgsm", "pgd"), eps=eps_values, steps=1, step_size=32 / 255,
+    rows = evaluate_model(model, data, info=info, attacks=("fgsm", "pgd"), eps=eps_values, steps=1, step_size=32 / 255,
                      device="cpu", batch_size=450)
     by = {(r.attack, r.eps): r.adv_top1 for r in rows}
     x, y = data.x, data.y
     differs = 0
-    with art_adapter.frozen(model):
+    with frozen(model):
         clean_ok = model(x).argmax(1) == y
         xg = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y), xg)
@@ -282,11 +283,11 @@ def test_autoattack_is_at_least_as_strong_as_torchattacks_autoattack(trained):
     model, _, _ = trained
     eps = 16 / 255
     data, info = build_dataset("digits", "test", subset=40)
-    rows = benchmark(model, data, info=info, attacks=("aa",), eps=(eps,), device="cpu", batch_size=40)
+    rows = evaluate_model(model, data, info=info, attacks=("aa",), eps=(eps,), device="cpu", batch_size=40)
     suite = {r.attack: r for r in rows}
     assert set(suite) == {"none", "autoattack"} and suite["autoattack"].steps == 100 and not suite["autoattack"].flags
     x, y = next(iter(build_loader(data, batch_size=len(data))))
-    with art_adapter.frozen(model):
+    with frozen(model):
         reference = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
         x_adv = reference(x, y)
         robust = float(((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean())
@@ -296,7 +297,7 @@ def test_autoattack_is_at_least_as_strong_as_torchattacks_autoattack(trained):
 
 def test_l2_eps_goes_past_one_and_stops_at_the_image_diameter(trained, capsys):
     model, run, _ = trained
-    rows = benchmark(model, "digits", attacks=("fgsm", "pgd"), eps=(1.0, 3.0), norm="l2", subset=32, steps=2,
+    rows = evaluate_model(model, "digits", attacks=("fgsm", "pgd"), eps=(1.0, 3.0), norm="l2", subset=32, steps=2,
                      device="cpu")
     assert {(r.attack, r.eps) for r in rows if r.attack == "pgd"} == {("pgd", 1.0), ("pgd", 3.0)}
     assert all("exceeds_eps" not in r.flags for r in rows)
@@ -326,10 +327,10 @@ def test_seeded_run_is_reproducible_and_leaves_global_rng_alone(trained):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    first = benchmark(model, "digits", seed=7, **kwargs)
+    first = evaluate_model(model, "digits", seed=7, **kwargs)
     after = torch.rand(1)
     assert torch.equal(before, after)  # per-batch seeding is restored afterwards
-    second = benchmark(model, "digits", seed=7, **kwargs)
+    second = evaluate_model(model, "digits", seed=7, **kwargs)
     assert measured(first) == measured(second)
 
 
@@ -419,9 +420,9 @@ class Randomized(nn.Module):
 
 def test_real_runs_raise_probability_and_gradient_masking_flags(trained):
     model, _, _ = trained
-    rows = benchmark(Softmaxed(model), "digits", attacks=("fgsm",), eps=(8 / 255,), subset=64, device="cpu")
+    rows = evaluate_model(Softmaxed(model), "digits", attacks=("fgsm",), eps=(8 / 255,), subset=64, device="cpu")
     assert all("outputs_look_like_probabilities" in r.flags for r in rows)
-    rows = benchmark(Quantized(model), "digits", attacks=("fgsm", "pgd"), eps=(8 / 255,), subset=64, steps=2,
+    rows = evaluate_model(Quantized(model), "digits", attacks=("fgsm", "pgd"), eps=(8 / 255,), subset=64, steps=2,
                      random_start=False, device="cpu")
     by = {r.attack: r for r in rows}
     assert "zero_gradient=1.000" in by["fgsm"].flags and "zero_gradient=1.000" in by["pgd"].flags
@@ -432,12 +433,13 @@ def test_gradient_masking_is_flagged_without_fgsm_in_the_run(trained):
     """PGD's random start moves every input, so 'unchanged input' would never fire: the zero-gradient count comes
     from the clean gradient of every batch; the square attack is compared with the PGD run beside it."""
     model, _, _ = trained
-    rows = benchmark(Quantized(model), "digits", attacks=("pgd",), eps=(8 / 255,), subset=64, steps=2,
+    rows = evaluate_model(Quantized(model), "digits", attacks=("pgd",), eps=(8 / 255,), subset=64, steps=2,
                      random_start=True, device="cpu")
     assert "zero_gradient=1.000" in rows[1].flags
-    rows = benchmark(Quantized(model), "digits", attacks=("square",), eps=(0.3,), subset=64, steps=20, device="cpu")
+    rows = evaluate_model(Quantized(model), "digits", attacks=("square",), eps=(0.3,), subset=64, steps=20,
+                          device="cpu")
     assert "zero_gradient=1.000" in rows[1].flags and "black_box" not in rows[1].flags  # no white-box row to beat
-    rows = benchmark(Quantized(model), "digits", attacks=("pgd", "square"), eps=(0.3,), subset=64, steps=20,
+    rows = evaluate_model(Quantized(model), "digits", attacks=("pgd", "square"), eps=(0.3,), subset=64, steps=20,
                      random_start=False, device="cpu")
     by = {r.attack: r for r in rows}
     assert by["square"].adv_top1 < by["pgd"].adv_top1  # square really got through the masked gradients
@@ -446,20 +448,20 @@ def test_gradient_masking_is_flagged_without_fgsm_in_the_run(trained):
 
 def test_iterative_weaker_than_fgsm_is_flagged_without_fgsm_in_the_run(trained, caplog):
     model, _, _ = trained
-    rows = benchmark(model, "digits", attacks=("pgd",), eps=(16 / 255,), subset=128, steps=1, step_size=1e-6,
+    rows = evaluate_model(model, "digits", attacks=("pgd",), eps=(16 / 255,), subset=128, steps=1, step_size=1e-6,
                      random_start=False, device="cpu")  # a step size that cannot move: misconfigured PGD
     assert "iterative_weaker_than_fgsm(fgsm broke " in rows[1].flags and " vs 0," in rows[1].flags
     warnings = [r for r in caplog.records if "iterative_weaker_than_fgsm" in r.message]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"  # one line for the run, not one per row
-    rows = benchmark(model, "digits", attacks=("pgd",), eps=(16 / 255,), subset=64, steps=5, device="cpu")
+    rows = evaluate_model(model, "digits", attacks=("pgd",), eps=(16 / 255,), subset=64, steps=5, device="cpu")
     assert rows[1].flags == ""  # a sound PGD beats its FGSM reference
 
 
 def test_eps0_check_compares_art_round_trip_with_clean_pass(trained):
     model, _, _ = trained
-    rows = benchmark(Randomized(model), "digits", attacks=("fgsm",), eps=(0.0, 8 / 255), subset=64, device="cpu")
+    rows = evaluate_model(Randomized(model), "digits", attacks=("fgsm",), eps=(0.0, 8 / 255), subset=64, device="cpu")
     assert all("eps0_differs_from_clean(art_predict=" in r.flags for r in rows[1:])
-    rows = benchmark(model, "digits", attacks=("fgsm",), eps=(8 / 255,), subset=64, device="cpu")
+    rows = evaluate_model(model, "digits", attacks=("fgsm",), eps=(8 / 255,), subset=64, device="cpu")
     assert rows[1].flags == ""
 
 
@@ -467,7 +469,7 @@ def test_eps0_check_compares_art_round_trip_with_clean_pass(trained):
 def test_top5_with_many_classes():
     data, info = build_dataset("synthetic:1x8x8:20:96", "test")
     spec = ModelSpec("resnet_tiny", 20, (1, 8, 8), info.mean, info.std)
-    rows = benchmark(build_model(spec).eval(), data, info=info, attacks=("fgsm",), eps=(8 / 255,), device="cpu")
+    rows = evaluate_model(build_model(spec).eval(), data, info=info, attacks=("fgsm",), eps=(8 / 255,), device="cpu")
     for r in rows:
         assert 0 <= r.adv_top5 <= r.clean_top5 <= 1 and r.adv_top1 <= r.adv_top5
 
@@ -485,7 +487,7 @@ def test_streaming_reads_the_data_one_batch_at_a_time(trained):
 
     counting = Counting(data.x, data.y)
     seen: list[tuple[int, int]] = []
-    benchmark(model, counting, info=info, attacks=("fgsm",), eps=(4 / 255,), batch_size=50, device="cpu",
+    evaluate_model(model, counting, info=info, attacks=("fgsm",), eps=(4 / 255,), batch_size=50, device="cpu",
               on_batch=lambda report: seen.append((report.done, Counting.served)))
     assert [done for done, _ in seen] == list(range(50, 451, 50))
     assert all(served == done for done, served in seen)  # no look-ahead: nothing beyond the current batch is held
@@ -653,7 +655,7 @@ def test_parsers():
 def test_gpu_matches_cpu(trained):
     model, _, _ = trained
     kwargs = dict(attacks=("fgsm", "pgd"), eps=(8 / 255,), steps=3, subset=128, random_start=False)
-    cpu = benchmark(model, "digits", device="cpu", **kwargs)
-    gpu = benchmark(model, "digits", device="cuda", **kwargs)
+    cpu = evaluate_model(model, "digits", device="cpu", **kwargs)
+    gpu = evaluate_model(model, "digits", device="cuda", **kwargs)
     for a, b in zip(cpu, gpu):
         assert abs(a.adv_top1 - b.adv_top1) <= 2 / 128

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from robust_enc.attacks import art_adapter
-from robust_enc.attacks.runner import benchmark
+from robust_enc.attacks.evaluation import evaluate_model
 from robust_enc.data import (
     TensorImages,
     build_dataset,
@@ -28,7 +28,7 @@ from robust_enc.data import (
     to_float_images,
     uint8_view,
 )
-from robust_enc.models import ModelSpec, build_model
+from robust_enc.models import ModelSpec, build_model, frozen
 from robust_enc.train.loop import train_one_epoch
 from robust_enc.train.regularizers import build_recipe
 
@@ -163,7 +163,7 @@ def _pgd_traffic(steps: int, norm: str) -> Traffic:
     x = torch.stack([data[i][0] for i in range(len(data))])
     y = torch.tensor([data[i][1] for i in range(len(data))])
     model = build_model(ModelSpec("resnet_tiny", 10, (1, 8, 8), info.mean, info.std))
-    with art_adapter.frozen(model):
+    with frozen(model):
         classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device="cpu")
         with counted() as traffic:
             model.to(DEVICE)  # in place: ART's wrapper holds the same module
@@ -277,7 +277,7 @@ def test_training_and_attacks_on_uint8_batches_match_float_batches():
         assert next(iter(loader))[0].dtype == (torch.uint8 if dataset is data else torch.float32)
         train_one_epoch(model, loader, recipe, optimizer, device=torch.device("cpu"), epoch=0)
         weights.append(model.state_dict())
-        rows = benchmark(model, dataset, info=info, attacks=("fgsm",), eps="8/255", batch_size=16,
+        rows = evaluate_model(model, dataset, info=info, attacks=("fgsm",), eps="8/255", batch_size=16,
                          device="cpu", checkpoint_hash="same")
         weights.append([(r.attack, r.eps, r.n, r.clean_top1, r.adv_top1, r.flags) for r in rows])
     assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[2].values(), strict=True))

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from robust_enc.attacks import art_adapter
-from robust_enc.attacks.runner import benchmark
+from robust_enc.attacks.evaluation import evaluate_model
 from robust_enc.data import build_dataset
 from robust_enc.gbr import measure_gbr
 from robust_enc.models import ModelSpec, build_model
@@ -197,7 +197,7 @@ def test_attacks_and_gbr_run_without_tf32_or_cudnn_benchmark():
     torch.set_float32_matmul_precision("high")
     try:
         model = Recording()
-        rows = benchmark(model, info_data, info=info, attacks=("fgsm", "pgd"), eps="8/255", steps=2, device="cpu",
+        rows = evaluate_model(model, info_data, info=info, attacks=("fgsm", "pgd"), eps="8/255", steps=2, device="cpu",
                          batch_size=20, gbr=True)
         attack_forwards = len(seen)
         measure_gbr(model, [next(iter(torch.utils.data.DataLoader(info_data, batch_size=10)))], device="cpu")

@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from robust_enc import cache as cache_module
-from robust_enc.attacks import benchmark
-from robust_enc.attacks.runner import AttackConfig, BatchReport, evaluate
+from robust_enc.attacks import evaluate_model
+from robust_enc.attacks.config import AttackConfig, BatchReport
+from robust_enc.attacks.evaluation import evaluate
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import DatasetInfo, build_dataset, build_loader
@@ -194,7 +195,7 @@ def _imagenet_model(tmp_path: Path, regularizer: str) -> Path:
 
 @pytest.mark.parametrize("regularizer", ["enc", "wn", "ws"])
 def test_evaluation_runs_the_baked_model_with_the_parametrized_results(tmp_path, regularizer, monkeypatch):
-    from robust_enc.attacks import runner
+    from robust_enc.attacks import evaluation
     from robust_enc.checkpoint import load_checkpoint, model_from_checkpoint
 
     _wnid_tree(tmp_path / "val")
@@ -202,8 +203,8 @@ def test_evaluation_runs_the_baked_model_with_the_parametrized_results(tmp_path,
     parametrized = model_from_checkpoint(load_checkpoint(run))
     assert list(parametrized_layers(parametrized))
     seen = []
-    real = runner.run_evaluation
-    monkeypatch.setattr(runner, "run_evaluation", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
+    real = evaluation.run_evaluation
+    monkeypatch.setattr(evaluation, "run_evaluation", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
     config = AttackConfig(checkpoint=str(run), data_dir=str(tmp_path), attacks=("fgsm",), eps=(2 / 255,),
                           batch_size=4, device="cpu", out=str(tmp_path / "rows.csv"))
     rows = evaluate(config)
@@ -217,7 +218,7 @@ def test_evaluation_runs_the_baked_model_with_the_parametrized_results(tmp_path,
     xb = x.detach().requires_grad_(True)
     grad_b, = torch.autograd.grad(baked(xb).logsumexp(1).sum(), xb)
     assert (grad_p - grad_b).abs().max() <= 1e-5
-    reference = benchmark(parametrized, data, info=info, attacks=("fgsm",), eps=(2 / 255,), batch_size=4,
+    reference = evaluate_model(parametrized, data, info=info, attacks=("fgsm",), eps=(2 / 255,), batch_size=4,
                           device="cpu")
     assert [(r.attack, r.clean_top1, r.adv_top1) for r in rows] == [(r.attack, r.clean_top1, r.adv_top1)
                                                                     for r in reference]
@@ -240,7 +241,7 @@ def test_attack_summary_splits_data_wait_from_compute():
     info = DatasetInfo("slow", "test", 2, (1, 8, 8), (0.5,), (0.25,), 8)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     reports: list[BatchReport] = []
-    benchmark(model, _SlowData(), info=info, attacks=("fgsm",), eps=(0.1,), batch_size=4, device="cpu",
+    evaluate_model(model, _SlowData(), info=info, attacks=("fgsm",), eps=(0.1,), batch_size=4, device="cpu",
               on_batch=reports.append)
     last = reports[-1]
     assert last.session_images == 8

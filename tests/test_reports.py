@@ -20,9 +20,10 @@ from scipy import stats
 
 from robust_enc.cli import main
 from robust_enc.errors import UserError
-from robust_enc.reports import build_report, load_inputs, merge_rows, parse_eps, tables
+from robust_enc.reports import build_report, load_inputs, merge_rows, tables
 from robust_enc.reports.render import format_eps, render_table
 from robust_enc.results import ResultRow, append_results, read_results, write_results
+from robust_enc.results import parse_eps_value as parse_eps
 
 GOLDEN = Path(__file__).parent / "golden"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from robust_enc.attacks.runner import AttackConfig, evaluate
+from robust_enc.attacks.config import AttackConfig
+from robust_enc.attacks.evaluation import evaluate
 from robust_enc.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from robust_enc.cli import main
 from robust_enc.data import build_dataset

@@ -130,7 +130,7 @@ def test_resume_is_bit_identical_and_finished_runs_are_skipped(tmp_path):
 # ---------------------------------------------------------------------------------------------- DDP
 def test_ddp_two_processes_with_gloo_see_every_example_once(tmp_path, torchrun):
     out = tmp_path / "runs"
-    torchrun("robust_enc.train.cli", ["--model", "resnet_tiny", "--dataset", "digits", "--subset", "37",
+    torchrun("robust_enc.cli", ["train", "--model", "resnet_tiny", "--dataset", "digits", "--subset", "37",
                                       "--val-subset", "15", "--epochs", "2", "--batch-size", "16", "--gbr-probe-size",
                                       "0", "--device", "cpu", "--out-dir", str(out), "--run-id", "ddp"], cwd=tmp_path)
     columns, rows = read_metrics(out / "ddp")

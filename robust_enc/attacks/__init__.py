@@ -2,12 +2,12 @@
 sanity checks.
 
 ``evaluate(AttackConfig(...))`` runs a checkpoint (what ``robust-enc attack`` and ``reproduce`` call);
-``benchmark(model, dataset, attacks=..., eps=...)`` is the RobustBench-style one call for any ``nn.Module``.
+``evaluate_model(model, dataset, attacks=..., eps=...)`` is the RobustBench-style one call for any ``nn.Module``.
 Only ``art_adapter`` imports ART.
 """
 
-from robust_enc.attacks.registry import ATTACKS, AttackSettings, parse_attacks, parse_eps
-from robust_enc.attacks.runner import AttackConfig, benchmark, evaluate, results_path
+from robust_enc.attacks.config import AttackConfig
+from robust_enc.attacks.evaluation import evaluate, evaluate_model, results_path
+from robust_enc.attacks.registry import ATTACKS, AttackSettings, parse_attacks
 
-__all__ = ["ATTACKS", "AttackConfig", "AttackSettings", "benchmark", "evaluate", "parse_attacks", "parse_eps",
-           "results_path"]
+__all__ = ["ATTACKS", "AttackConfig", "AttackSettings", "evaluate", "evaluate_model", "parse_attacks", "results_path"]

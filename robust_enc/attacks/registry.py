@@ -3,8 +3,8 @@ settings before any batch runs, and turns a batch into adversarial images at eve
 ART; entries call it.
 
 An entry's life in a run: ``plan(settings, num_classes)`` (validate, resolve defaults) -> ``prepare(classifier,
-eps_values, plan, batch_size)`` (build the ART objects once) -> per batch ``start(x, y)`` (work shared by every eps,
-e.g. FGSM's one gradient) then ``at(eps)`` for each eps.
+eps_values, plan, batch_size)`` (build the ART objects once) -> per batch ``set_batch(x, y)`` (work shared by every
+eps, e.g. FGSM's one gradient) then ``adversarial(eps)`` for each eps.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ class Plan:
 
 
 class Prepared:
-    """An attack ready for batches: ``start(x, y)`` once per batch, then ``at(eps)`` -> x_adv [B, C, H, W].
+    """An attack ready for batches: ``set_batch(x, y)`` once per batch, then ``adversarial(eps)`` -> x_adv [B, C, H, W].
     x: [B, C, H, W] float32 in [0, 1] on the run's device; y: [B] int64 labels; x_adv on the same device."""
 
-    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def at(self, eps: float) -> torch.Tensor:
+    def adversarial(self, eps: float) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -72,22 +72,22 @@ class SweepFGSM(Prepared):
         self.x: torch.Tensor | None = None
         self.step: torch.Tensor | None = None
 
-    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         y_one_hot = torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype)
         self.x, self.step = x, art_adapter.fgsm_direction(self.classifier, x, y_one_hot, self.norm)
 
-    def at(self, eps: float) -> torch.Tensor:
+    def adversarial(self, eps: float) -> torch.Tensor:
         assert self.x is not None and self.step is not None
         return art_adapter.fgsm_apply(self.x, self.step, eps, self.norm)
 
     @property
     def zero_gradient(self) -> torch.Tensor:
-        """[B] bool: examples of the last ``start`` batch whose clean loss gradient w.r.t. the input is all zero."""
+        """[B] bool: examples of the last ``set_batch`` batch whose clean loss gradient w.r.t. the input is all zero."""
         assert self.step is not None
         return ~self.step.flatten(1).ne(0).any(1)
 
 
-class PerEps(Prepared):
+class AttackPerEps(Prepared):
     """One attack per eps, built before the first batch (so ART's parameter checks run up front). eps 0 is the clean
     input itself: PGD refuses eps 0 and any attack at eps 0 leaves x unchanged."""
 
@@ -98,10 +98,10 @@ class PerEps(Prepared):
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
 
-    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
 
-    def at(self, eps: float) -> torch.Tensor:
+    def adversarial(self, eps: float) -> torch.Tensor:
         assert self.x is not None and self.y is not None
         if eps == 0:
             return self.x.clone()
@@ -140,7 +140,7 @@ class AutoAttack(Prepared):
         self.y: torch.Tensor | None = None
         self.ranked: torch.Tensor | None = None
 
-    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
         with torch.no_grad():  # target classes from the clean logits, as AutoAttack picks them
             self.ranked = self.classifier.model(x).argsort(1, descending=True)
@@ -149,7 +149,7 @@ class AutoAttack(Prepared):
         with torch.no_grad():
             return self.classifier.model(x_adv).argmax(1) != y
 
-    def at(self, eps: float) -> torch.Tensor:
+    def adversarial(self, eps: float) -> torch.Tensor:
         x, y, ranked = self.x, self.y, self.ranked
         assert x is not None and y is not None and ranked is not None
         x_adv = x.clone()
@@ -234,7 +234,7 @@ def _pgd(classifier: Any, eps_values: Sequence[float], plan: Plan, batch_size: i
                                             step_size=plan.step_size_at(eps), restarts=plan.restarts,
                                             num_classes=num_classes)
 
-    return PerEps(build, classifier, eps_values, plan, batch_size, reseed, num_classes)
+    return AttackPerEps(build, classifier, eps_values, plan, batch_size, reseed, num_classes)
 
 
 def _art(make: Callable[[Any, float, Plan, int], Any]) -> Callable[..., Prepared]:
@@ -246,7 +246,7 @@ def _art(make: Callable[[Any, float, Plan, int], Any]) -> Callable[..., Prepared
             attack = make(classifier, eps, plan, batch_size)
             return lambda x, y: art_adapter.generate(attack, x, y, num_classes)
 
-        return PerEps(build, classifier, eps_values, plan, batch_size, reseed, num_classes)
+        return AttackPerEps(build, classifier, eps_values, plan, batch_size, reseed, num_classes)
 
     return prepare
 
@@ -300,36 +300,6 @@ def parse_attacks(text: str | Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise UserError(f"--attack lists an attack twice: {','.join(names)}")
     return tuple(names)
-
-
-def parse_eps(text: str | float | Sequence[str | float], norm: str = "linf") -> tuple[float, ...]:
-    """"1/255,2/255,0.03" -> sorted unique floats in pixel units: in [0, 1] for linf; >= 0 for l2, where the field's
-    radii go past 1 (RobustBench's CIFAR-10 L2 eps is 0.5, ImageNet's common one 3.0; ``check_eps`` bounds them by
-    the image's diameter once its shape is known)."""
-    items = text.split(",") if isinstance(text, str) else ([text] if isinstance(text, (int, float)) else list(text))
-    values = []
-    for item in items:
-        if isinstance(item, (int, float)):
-            value = float(item)
-        else:
-            item = item.strip()
-            if not item:
-                continue
-            num, sep, den = item.partition("/")
-            try:
-                value = float(num) / float(den) if sep else float(num)
-            except (ValueError, ZeroDivisionError):
-                raise UserError(f"bad eps {item!r}: give floats or k/255 fractions, e.g. 1/255,2/255,0.03") from None
-        if norm == "l2":
-            if not (math.isfinite(value) and value >= 0.0):
-                raise UserError(f"L2 eps {item} = {value:g} must be a finite number >= 0 (pixel units, e.g. 0.5)")
-        elif not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise UserError(f"eps {item} = {value:g} is outside [0, 1]: eps is in pixel units of images in [0, 1] "
-                            "(use 8/255, not 8)")
-        values.append(value)
-    if not values:
-        raise UserError("--eps needs at least one value, e.g. --eps 1/255,2/255,4/255")
-    return tuple(sorted(set(values)))
 
 
 def check_eps(eps: Sequence[float], norm: str, input_shape: Sequence[int]) -> None:

@@ -49,7 +49,7 @@ from robust_enc.data import (
 )
 from robust_enc.errors import UserError
 from robust_enc.io import write_text_atomic
-from robust_enc.models import MODELS, ModelSpec, build_network, weight_norms
+from robust_enc.models import MODELS, ModelSpec, build_network, top_k_hits, weight_norms
 from robust_enc.runtime import distributed as D
 from robust_enc.runtime.device import resolve_device
 from robust_enc.runtime.seeding import capture_rng, restore_rng, seed_everything, stream_seed
@@ -407,7 +407,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device,
             logits = model(x)
         logits = logits.float()
         num_classes = num_classes or logits.shape[1]
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        hits = top_k_hits(logits, y, 5)
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
                                hits.any(dim=1).sum().double(), torch.tensor(len(y), device=device).double()])
     model.train(was_training)

@@ -9,10 +9,11 @@ import sys
 import time
 
 from robust_enc.attacks.checks import flag_lines
-from robust_enc.attacks.registry import ATTACKS, parse_attacks, parse_eps
-from robust_enc.attacks.runner import AttackConfig, BatchReport, evaluate, results_path
-from robust_enc.cli import add_data_arguments, add_device_argument, add_file_data_arguments
-from robust_enc.results import ResultRow
+from robust_enc.attacks.config import AttackConfig, BatchReport
+from robust_enc.attacks.evaluation import evaluate, results_path
+from robust_enc.attacks.registry import ATTACKS, parse_attacks
+from robust_enc.cli.common import add_data_arguments, add_device_argument, add_file_data_arguments, print_flags
+from robust_enc.results import ResultRow, parse_eps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,19 +120,6 @@ def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None) ->
     if timing is not None:
         console.print(timing.time_split())
     console.print(f"results appended to {out}")
-
-
-def print_flags(lines: list[str]) -> None:
-    """One panel of every sanity flag (stderr), or one green line when none fired."""
-    from rich.console import Console
-    from rich.panel import Panel
-
-    console = Console(stderr=True)
-    if lines:
-        console.print(Panel("\n".join(lines), title=f"sanity checks: {len(lines)} flags (see attacks/checks.py)",
-                            border_style="red"))
-    else:
-        console.print("[green]sanity checks: no flag[/green]")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """``robust-enc train``: the command line onto ``TrainConfig``, with rich progress bars on a terminal.
 
     robust-enc train --model resnet20 --dataset fashion-mnist --reg enc+cutmix+ls --epochs 3
-    torchrun --nproc_per_node 8 -m robust_enc.train.cli --model resnet50 --dataset imagenet --data-dir /data/in1k \\
+    torchrun --nproc_per_node 8 -m robust_enc.cli train --model resnet50 --dataset imagenet --data-dir /data/in1k \\
         --reg enc --batch-size 256 --amp bf16 --channels-last --workers 8      # 256 = global batch, 32 per GPU
 
 Under torchrun every process runs the same command; rank 0 alone writes the run folder and shows progress.
@@ -26,7 +26,7 @@ from robust_enc.train.loop import Progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from robust_enc.cli import add_data_arguments, add_device_argument
+    from robust_enc.cli.common import add_data_arguments, add_device_argument
     from robust_enc.train.loop import AMP_DTYPES, SCHEDULES, TrainConfig
 
     d = TrainConfig()
@@ -155,9 +155,3 @@ def run(args: argparse.Namespace) -> int:
         card = json.loads((run_dir / "model_card.json").read_text())
         print(f"{run_dir}: val top-1 {card['val_top1']}, GBR {card['gbr']}, checkpoint {card['checkpoint_hash']}")
     return 0
-
-
-if __name__ == "__main__":  # torchrun -m robust_enc.train.cli --model ... (same as `robust-enc train ...`)
-    from robust_enc.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

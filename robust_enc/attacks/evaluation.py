@@ -1,0 +1,257 @@
+"""Evaluate a model under attack over a data set: clean accuracy, each attack at each eps, the per-example worst case.
+
+Protocol (RobustBench/AutoAttack): images in [0, 1], eps in pixel units; each attack runs only on the examples the
+model gets right clean (top-5 right when top-5 is reported), so an example counts as robust only when it is correct
+clean AND under attack, and ``adv <= clean`` by construction. ``worst`` ANDs the per-example robust flags of every
+attack at an eps.
+
+Streaming: batches come from a DataLoader; a batch's images are dropped once counted, so memory does not grow with
+the data set. Only integer counts (and a few maxima) are kept per (attack, eps). They are:
+
+- sharded over ``torchrun`` processes by whole batches (rank r takes global batches r, r + world, ...), then summed
+  with ``all_reduce``: every batch holds the same images as in one process, so the totals are identical;
+- saved atomically after every batch to a progress file next to the results file, named by a hash of the config and
+  the checkpoint (so runs sharing a results file keep their own): a killed run resumes at the next batch. Random
+  starts are seeded per (seed, global batch, attack, eps), so a resumed or sharded run draws the same random numbers
+  as an uninterrupted one (``runtime.seeding.seed_for``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from robust_enc.attacks import art_adapter
+from robust_enc.attacks.checks import flag_lines
+from robust_enc.attacks.config import AttackConfig, BatchReport, OnBatch, Provenance
+from robust_enc.attacks.counting import Evaluation, gbr_columns, result_rows
+from robust_enc.attacks.registry import ATTACKS, check_eps, parse_attacks
+from robust_enc.attacks.state import all_reduce, load_progress, progress_path, save_progress, tally_key
+from robust_enc.data import DatasetInfo, build_dataset, build_loader, loader_levels, unreadable_count
+from robust_enc.data import eval_split as evaluation_split
+from robust_enc.errors import UserError
+from robust_enc.models import frozen, weight_norms
+from robust_enc.results import ResultRow, append_results, check_results_target, library_versions, parse_eps
+from robust_enc.runtime.distributed import barrier, evaluation_process
+from robust_enc.runtime.seeding import restored_rng, seed_for
+from robust_enc.runtime.sharding import ShardSampler
+
+if TYPE_CHECKING:
+    from robust_enc.checkpoint import ModelSource
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FORMAT = 3  # bump when the tallies' keys or fields change: older progress files are then not resumed
+
+
+def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInfo, rank: int, world: int) -> str:
+    settings = asdict(config)
+    for name in ("out", "device", "workers", "gbr", "download", "data_dir", "cache"):  # do not change what is counted
+        settings.pop(name)
+    payload = {"config": settings, "checkpoint": provenance.checkpoint_hash, "run_id": provenance.run_id,
+               "dataset": info.name, "split": info.split, "size": info.size, "rank": rank, "world": world,
+               "art": library_versions().get("art_version", ""), "format": PROGRESS_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, device: torch.device, rank: int,
+                 world: int) -> list[float]:
+    """[n, sum, sum of squares] of per-example GBR, then the sums of the logit spread and of the loss GBR (the
+    scale-free companions, see gbr.py), over this rank's shard (combined across ranks by the caller).
+
+    An empty shard gives zeros rather than an error: the other ranks are waiting for it in ``all_reduce``."""
+    from robust_enc.gbr import gbr_values  # lazy: only runs with --gbr
+
+    loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers,
+                          sampler=ShardSampler(len(dataset), config.batch_size, rank, world))
+    # Hutchinson probes seeded per global batch (this rank's j-th batch is global batch rank + j * world), so the
+    # totals do not depend on the number of processes.
+    measured = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
+                          batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
+    values = measured.values.double()
+    return [float(len(values)), float(values.sum()), float(values.pow(2).sum()),
+            float(measured.logit_spread.sum()), float(measured.loss_gbr.sum())]
+
+
+def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config: AttackConfig,
+                   provenance: Provenance, *, out: Path | None, max_batches: int | None = None,
+                   on_batch: OnBatch | None = None) -> list[ResultRow]:
+    """The loop shared by ``evaluate`` and ``evaluate_model``. Returns [] when stopped by ``max_batches`` (progress kept
+    for a later call to resume); otherwise the checked rows, appended to ``out`` by rank 0 when ``out`` is given."""
+    attacks = parse_attacks(config.attacks)
+    if config.norm not in art_adapter.NORMS:
+        raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
+    eps = parse_eps(config.eps, config.norm)
+    check_eps(eps, config.norm, info.input_shape)
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if len(dataset) == 0:
+        raise UserError(f"data set {info.name} split {info.split} is empty: nothing to evaluate")
+    plans = [ATTACKS.get(name).plan(name, config.settings(), info.num_classes) for name in attacks]
+
+    with evaluation_process(config.device) as (rank, world, device), restored_rng():
+        model = model.to(device)
+        run = Evaluation(model, info, config, plans, eps, device)
+        with frozen(model):
+            classifier = art_adapter.build_classifier(model, num_classes=info.num_classes,
+                                                      input_shape=info.input_shape, device=device)
+            run.prepare(classifier)
+            key = _progress_key(config, provenance, info, rank, world)
+            progress = progress_path(out, key) if out is not None else None
+            start = 0
+            if progress is not None and (saved := load_progress(progress, key)) is not None:
+                start, run.tallies = saved
+                log.warning("resuming %s from batch %d of this process (progress file %s)", provenance.run_id, start,
+                            progress)
+            sampler = ShardSampler(len(dataset), config.batch_size, rank, world, start)
+            loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers, sampler=sampler,
+                                  uint8=True)
+            run.levels = loader_levels(loader, device)
+            done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
+            total = done_before + len(sampler)
+            session_start, session_images = time.perf_counter(), 0
+            data_wait = compute = 0.0  # where the time goes: waiting for batches vs the model and attacks
+            stopped = False
+            waited_from = time.perf_counter()
+            for j, (x, y) in enumerate(loader):
+                arrived = time.perf_counter()
+                data_wait += arrived - waited_from
+                if max_batches is not None and j >= max_batches:
+                    stopped = True
+                    break
+                run.batch = rank + (start + j) * world
+                if len(y):
+                    run.count_batch(x, y)  # ends on host reads of the counts, so CUDA work is finished when it returns
+                compute += time.perf_counter() - arrived
+                session_images += len(y)
+                if progress is not None:
+                    save_progress(progress, key, start + j + 1, run.tallies)
+                if on_batch is not None:
+                    rate = session_images / max(time.perf_counter() - session_start, 1e-9)
+                    on_batch(BatchReport(done_before + session_images, total, rate, run.running(), data_wait, compute,
+                                         session_images))
+                waited_from = time.perf_counter()
+            if session_images:
+                log.info(BatchReport(0, 0, 0.0, {}, data_wait, compute, session_images).time_split())
+            if stopped:
+                log.warning("stopped after %d batches; rerun the same command to resume", max_batches)
+                return []
+        skipped = unreadable_count(dataset)
+        if skipped:
+            log.warning("%d unreadable images were skipped", skipped)
+        gbr_sums = _measure_gbr(model, dataset, config, device, rank, world) if config.gbr else []
+        all_reduce(run.tallies, gbr_sums)
+        if run.tallies[tally_key("none", 0.0)]["n"] == 0:  # after the reduction: every rank raises alike
+            if progress is not None:
+                progress.unlink(missing_ok=True)
+            raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
+                            "failed to load, see the warnings): fix or replace the files, or pass another --dataset")
+        rows = result_rows(run, provenance, gbr_columns(gbr_sums))
+        flagged = flag_lines(rows)
+        if flagged and rank == 0:  # one line per run, on one process; the command line shows them in a panel
+            log.warning("sanity checks flagged %d rows of %s: %s", len(flagged), provenance.run_id,
+                        " | ".join(line.split(" ", 1)[1] for line in flagged))
+        if out is not None and rank == 0:
+            append_results(out, rows)
+            log.info("wrote %d rows to %s", len(rows), out)
+        barrier()  # rows are written before any rank forgets its progress
+        if progress is not None:
+            progress.unlink(missing_ok=True)
+        return rows
+
+
+def results_path(config: AttackConfig) -> Path:
+    """--out, or results.csv in the run folder (the checkpoint file's folder), or ./results.csv for --weights."""
+    if config.out:
+        return Path(config.out)
+    if config.checkpoint:
+        path = Path(config.checkpoint)
+        return (path if path.is_dir() else path.parent) / "results.csv"
+    return Path("results.csv")
+
+
+def _provenance(source: ModelSource, model: nn.Module) -> Provenance:
+    """What the rows say about the model: a checkpoint's run, or the weights file's name."""
+    from robust_enc.checkpoint import state_hash
+
+    ckpt = source.checkpoint
+    if ckpt is None:
+        return Provenance(run_id=Path(source.weights).stem, model=source.model,
+                          checkpoint_hash=state_hash(model.state_dict()),
+                          weight_sq_norm=sum(weight_norms(model).values()))
+    metrics = ckpt.metrics or {}
+    wsq = metrics.get("weight_sq_norm")
+    return Provenance(run_id=ckpt.run_id, model=ckpt.spec.name, regularizer=ckpt.spec.regularizer,
+                      checkpoint_hash=ckpt.content_hash or state_hash(ckpt.state_dict),
+                      train_top1=float(metrics.get("train_top1", math.nan)),
+                      weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()))
+
+
+def evaluate(config: AttackConfig, *, max_batches: int | None = None,
+             on_batch: OnBatch | None = None) -> list[ResultRow]:
+    """Run ``config``: load the model, build the data, attack, check, append rows to the results file.
+
+    Everything the user can get wrong is checked before the first batch (UserError)."""
+    from robust_enc.checkpoint import ModelSource
+    from robust_enc.train.enc import bake_model
+
+    parse_attacks(config.attacks)
+    if config.norm not in art_adapter.NORMS:
+        raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
+    parse_eps(config.eps, config.norm)
+    source = ModelSource.open(checkpoint=config.checkpoint, model=config.model, weights=config.weights)
+    name = source.dataset(config.dataset)
+    dataset, info = build_dataset(name, config.split or evaluation_split(name), data_dir=config.data_dir,
+                                  download=config.download, subset=config.subset, image_size=source.image_size,
+                                  subset_list=config.subset_list or None, cache=config.cache or None,
+                                  workers=config.workers)
+    # ENC/WN/WS baked into plain weights: each layer normalized once here, not in every forward pass of the attacks
+    # (the same outputs: bake_model keeps the very tensors the parametrizations compute).
+    model = bake_model(source.build(info))
+    out = check_results_target(results_path(config))  # a folder or a broken file fails now, not after the attack
+    return run_evaluation(model, dataset, info, config, _provenance(source, model), out=out, max_batches=max_batches,
+                          on_batch=on_batch)
+
+
+def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *, attacks: Sequence[str] = ("fgsm",),
+              eps: Sequence[float] | str = (1 / 255, 2 / 255, 4 / 255), norm: str = "linf",
+              info: DatasetInfo | None = None, split: str = "", data_dir: str | None = None, subset: int = 0,
+              batch_size: int = 128, device: str = "auto", steps: int | None = None,
+              step_size: float | None = None, random_start: bool = True, restarts: int = 1, seed: int = 0,
+              gbr: bool = False, run_id: str = "model", model_name: str = "", out: str | Path | None = None,
+              on_batch: OnBatch | None = None, checkpoint_hash: str = "") -> list[ResultRow]:
+    """RobustBench-style one call: clean, each attack at each eps and their worst case for an ``nn.Module`` taking
+    images in [0, 1] (normalization inside) and returning logits.
+
+    ``dataset``: a registry name (its natural evaluation split unless ``split``) or a Dataset of (x [C, H, W] in
+    [0, 1], label) with its ``info``. The model is moved to ``device`` (and stays there); its train/eval mode,
+    requires_grad flags and ``.grad`` are restored. Rows are returned, and appended to ``out`` when given.
+    ``checkpoint_hash``: the rows' model hash; "" = hash the state dict now (a ResNet-50's 100 MB, copied off the GPU:
+    pass it when calling repeatedly, e.g. in a timing loop)."""
+    from robust_enc.checkpoint import state_hash
+
+    if isinstance(dataset, str):
+        data, info = build_dataset(dataset, split or evaluation_split(dataset), data_dir=data_dir, subset=subset)
+    else:
+        if info is None:
+            raise UserError("evaluate_model(model, dataset) with a Dataset object needs its DatasetInfo: info=...")
+        data = dataset
+
+    config = AttackConfig(dataset=info.name, split=info.split, subset=info.subset, batch_size=batch_size,
+                          device=device, attacks=tuple(attacks), eps=parse_eps(eps, norm), norm=norm, steps=steps,
+                          step_size=step_size, random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
+    provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
+                            checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),
+                            weight_sq_norm=sum(weight_norms(model).values()))
+    return run_evaluation(model, data, info, config, provenance, out=Path(out) if out else None, on_batch=on_batch)

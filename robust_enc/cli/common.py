@@ -1,0 +1,44 @@
+"""What several subcommands share: the data, image-file and device options, and the panel of sanity flags."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default_dataset: str | None = "digits") -> None:
+    """Options every data-reading subcommand shares."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default=default_dataset, help="data set registry name (see 'robust-enc datasets')")
+    group.add_argument("--data-dir", default=None, help="folder holding the data set files")
+    group.add_argument("--download", action="store_true", help="let torchvision download the data set (network)")
+    group.add_argument("--subset", type=int, default=0, help="deterministic class-balanced subset size (0 = all)")
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def add_file_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options for data sets read from image files (imagenet, folder:PATH): a list of images and the decode cache."""
+    group = parser.add_argument_group("image files")
+    group.add_argument("--subset-list", default=None,
+                       help="file naming the images to evaluate, one file name per line, kept in its order "
+                            "(e.g. RobustBench's 5,000 ImageNet images); instead of --subset")
+    group.add_argument("--cache", default=None,
+                       help="folder for the decoded evaluation images (resize + centre crop, uint8, memory-mapped): "
+                            "built on first use, read by later runs")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+
+def print_flags(lines: list[str]) -> None:
+    """One panel of every sanity flag (stderr), or one green line when none fired."""
+    from rich.console import Console
+    from rich.panel import Panel
+
+    console = Console(stderr=True)
+    if lines:
+        console.print(Panel("\n".join(lines), title=f"sanity checks: {len(lines)} flags (see the rows' flags column)",
+                            border_style="red"))
+    else:
+        console.print("[green]sanity checks: no flag[/green]")

@@ -1,0 +1,259 @@
+"""A report's inputs: results files and run folders (from several machines) read, rows of replaced checkpoints left
+out, duplicate rows merged, missing run values filled from model cards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from robust_enc.errors import UserError
+from robust_enc.results import ResultRow, read_results
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILES = ("results.csv", "results.json")
+METRICS_FILE = "metrics.csv"
+CARD_FILE = "model_card.json"
+RUN_FILES = (*RESULTS_FILES, METRICS_FILE, CARD_FILE)  # any of them makes a folder a run folder
+MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "adv_top5", "gbr")  # what must agree between duplicates
+FROM_CARD = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # filled into rows that lack them
+
+
+@dataclass
+class RunFolder:
+    """A training run's folder: its model card (empty when absent) and where its per-epoch metrics are."""
+    path: Path
+    run_id: str
+    card: dict[str, Any] = field(default_factory=dict)
+    card_path: Path | None = None
+    metrics_path: Path | None = None
+
+
+@dataclass
+class Conflict:
+    """Rows with one key but different measurements; ``kept`` is the newest by created_at."""
+    key: tuple
+    kept: ResultRow
+    dropped: list[ResultRow]
+
+    def describe(self) -> str:
+        def short(r: ResultRow) -> str:
+            return (f"adv_top1={r.adv_top1:.4f} clean_top1={r.clean_top1:.4f} gbr={r.gbr:.6g} n={r.n} "
+                    f"({r.created_at})")
+
+        run_id, _, dataset, _, _, attack, norm, eps = self.key[:8]
+        return (f"{run_id} {dataset} {attack} {norm} eps={eps:.6g}: kept {short(self.kept)}; dropped "
+                + "; ".join(short(r) for r in self.dropped))
+
+
+@dataclass
+class ReportInputs:
+    rows: list[ResultRow]  # merged: one per key
+    runs: list[RunFolder]
+    conflicts: list[Conflict]
+    sources: list[Path]  # the results files read
+    rows_read: int = 0  # before merging
+    notes: list[str] = field(default_factory=list)  # rows of earlier checkpoints left out, checkpoint conflicts
+
+
+def _created(row: ResultRow) -> datetime:
+    try:
+        stamp = datetime.fromisoformat(row.created_at)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def _same_measurement(a: ResultRow, b: ResultRow) -> bool:
+    def equal(x: float, y: float) -> bool:
+        return (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-9
+
+    return all(equal(float(getattr(a, f)), float(getattr(b, f))) for f in MEASURED)
+
+
+def merge_rows(rows: Iterable[ResultRow]) -> tuple[list[ResultRow], list[Conflict]]:
+    """One row per ``ResultRow.key()``: exact duplicates (same measurements, e.g. a file copied from another machine)
+    collapse silently; conflicting ones (same key, different accuracies) keep the newest by created_at (the later
+    one read on a tie) and are returned as Conflicts. Order: first appearance of each key."""
+    by_key: dict[tuple, list[ResultRow]] = {}
+    for row in rows:
+        by_key.setdefault(row.key(), []).append(row)
+    merged, conflicts = [], []
+    for key, group in by_key.items():
+        # max() keeps the first of equal stamps: reverse so that a tie goes to the row read last
+        kept = max(reversed(group), key=_created)
+        merged.append(kept)
+        dropped = [r for r in group if r is not kept and not _same_measurement(r, kept)]
+        if dropped:
+            conflicts.append(Conflict(key, kept, dropped))
+    return merged, conflicts
+
+
+def keep_current_checkpoints(inputs: Sequence[tuple[str, list[ResultRow], dict[str, str]]]
+                             ) -> tuple[list[ResultRow], list[str]]:
+    """The rows of one checkpoint per run id and data set, and notes on what was left out. ``inputs``: per file or
+    run folder read, (its name, its rows, run id -> the checkpoint hash its model card names).
+
+    Retraining a run (e.g. more epochs) replaces its checkpoint while the rows of the old one stay in results.csv:
+    counted as replicates they would make one run look like several seeds. Within one input the rows of the current
+    checkpoint (the model card's, else the newest by created_at) are kept. The same run id with different checkpoints
+    in different inputs (two machines) is a conflict, not two seeds: the newest is kept and the conflict noted.
+    Rows without a checkpoint hash cannot be told apart and are kept."""
+    notes: list[str] = []
+    claims: dict[tuple[str, str], dict[str, tuple[datetime, str]]] = {}  # (run, data set) -> hash -> (newest, input)
+    for source, rows, current in inputs:
+        stamps: dict[tuple[str, str], dict[str, datetime]] = {}
+        for row in rows:
+            if row.checkpoint_hash:
+                by_hash = stamps.setdefault((row.run_id, row.dataset), {})
+                by_hash[row.checkpoint_hash] = max(by_hash.get(row.checkpoint_hash, _created(row)), _created(row))
+        for (run_id, dataset), by_hash in stamps.items():
+            card_hash = current.get(run_id, "")
+            kept = card_hash if card_hash in by_hash else max(by_hash, key=by_hash.__getitem__)
+            if card_hash and card_hash != kept:
+                notes.append(f"{source}: {run_id} ({dataset}): the model card names checkpoint {card_hash} but the "
+                             f"results are of checkpoint {kept}: rerun the attack on the current checkpoint")
+            stale = sorted(set(by_hash) - {kept})
+            if stale:
+                notes.append(f"{source}: {run_id} ({dataset}): rows of earlier checkpoint(s) {', '.join(stale)} left "
+                             f"out (retrained); kept checkpoint {kept}")
+            claim = claims.setdefault((run_id, dataset), {})
+            if kept not in claim or by_hash[kept] > claim[kept][0]:
+                claim[kept] = (by_hash[kept], source)
+    chosen = {}
+    for (run_id, dataset), claim in claims.items():
+        chosen[run_id, dataset] = kept = max(claim, key=lambda h: claim[h][0])
+        others = [f"{h} ({claim[h][1]})" for h in claim if h != kept]
+        if others:
+            notes.append(f"conflict: run id {run_id} ({dataset}) names different checkpoints in different inputs; kept "
+                         f"the newest, {kept} ({claim[kept][1]}), left out {'; '.join(others)}: one run id is one "
+                         "trained model, not several seeds")
+    kept_rows = [row for _, rows, _ in inputs for row in rows
+                 if not row.checkpoint_hash or chosen[row.run_id, row.dataset] == row.checkpoint_hash]
+    return kept_rows, notes
+
+
+def _is_run_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in RUN_FILES)
+
+
+def find_run_folders(root: Path) -> list[Path]:
+    """``root`` itself when it is a run folder, and every run folder below it (sorted; hidden folders skipped)."""
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if _is_run_folder(Path(folder)):
+            found.append(Path(folder))
+    return found
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable model card ({err}); re-create it or remove the file") from None
+    if not isinstance(card, dict):
+        raise UserError(f"{path}: a model card must be a JSON object")
+    return card
+
+
+def _read_run_folder(folder: Path) -> tuple[RunFolder, list[ResultRow], list[Path]]:
+    card_path = folder / CARD_FILE
+    card = _read_card(card_path) if card_path.is_file() else {}
+    metrics = folder / METRICS_FILE
+    run = RunFolder(path=folder, run_id=str(card.get("run_id") or folder.name), card=card,
+                    card_path=card_path if card else None, metrics_path=metrics if metrics.is_file() else None)
+    rows, sources = [], []
+    for name in RESULTS_FILES:
+        if (folder / name).is_file():
+            rows += read_results(folder / name)
+            sources.append(folder / name)
+    return run, rows, sources
+
+
+def _fill_from_cards(rows: list[ResultRow], runs: list[RunFolder]) -> list[ResultRow]:
+    """Rows lacking GBR / train accuracy / weight norm (e.g. attacked before GBR was measured) take them from their
+    run's model card: same run id, and the same checkpoint hash where both are known."""
+    cards = [r for r in runs if r.card]
+    filled = []
+    for row in rows:
+        card = next((r.card for r in cards if r.run_id == row.run_id
+                     and (not row.checkpoint_hash or not r.card.get("checkpoint_hash")
+                          or r.card.get("checkpoint_hash") == row.checkpoint_hash)), None)
+        updates = {}
+        for name in FROM_CARD if card else ():
+            value = card.get(name)
+            number = (isinstance(value, (int, float)) and not isinstance(value, bool)) or value == "inf"  # overflowed
+            if math.isnan(getattr(row, name)) and number:
+                updates[name] = float(value)
+        filled.append(replace(row, **updates) if updates else row)
+    return filled
+
+
+def load_inputs(inputs: Sequence[str | Path]) -> ReportInputs:
+    """Read results files (.csv / .json) and run folders (a folder -> its results, metrics.csv and model card; a
+    folder of run folders -> each of them, recursively); merge duplicate rows (see ``merge_rows``)."""
+    if not inputs:
+        raise UserError("no results given: pass results files (.csv/.json) or run folders")
+    read: list[tuple[str, list[ResultRow], dict[str, str]]] = []  # (input, rows, run id -> card's checkpoint hash)
+    runs: list[RunFolder] = []
+    sources: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            folders = find_run_folders(item)
+            if not folders:
+                raise UserError(f"{item}: no run folder (with {', '.join(RUN_FILES)}) in it or below it")
+        elif item.is_file() and item.name in (METRICS_FILE, CARD_FILE):
+            folders = [item.parent]  # a run folder's file: read the whole folder
+        elif item.is_file():
+            if item.suffix not in (".csv", ".json"):
+                raise UserError(f"{item}: results files are .csv or .json")
+            read.append((str(item), read_results(item), {}))
+            sources.append(item)
+            continue
+        else:
+            raise UserError(f"{item} does not exist: pass results files or run folders")
+        for folder in folders:
+            if any(r.path.resolve() == folder.resolve() for r in runs):
+                continue  # the same folder given twice (or inside another input)
+            run, folder_rows, folder_sources = _read_run_folder(folder)
+            runs.append(run)
+            card_hash = str(run.card.get("checkpoint_hash") or "")
+            read.append((str(folder), folder_rows, {run.run_id: card_hash} if card_hash else {}))
+            sources += folder_sources
+    rows, notes = keep_current_checkpoints(read)
+    for note in notes:
+        log.warning(note)
+    merged, conflicts = merge_rows(rows)
+    for conflict in conflicts:
+        log.warning("conflicting results for one measurement: %s", conflict.describe())
+    return ReportInputs(_fill_from_cards(merged, runs), runs, conflicts, sources,
+                        rows_read=sum(len(rows) for _, rows, _ in read), notes=notes)
+
+
+def runs_frame(runs: Sequence[RunFolder], relative_to: Path | None = None) -> pd.DataFrame:
+    """run_id, checkpoint_hash, dataset, checkpoint and model_card (paths, relative to ``relative_to`` when given;
+    "" when the folder lacks the file) per run folder."""
+    import pandas as pd
+
+    from robust_enc.checkpoint import CHECKPOINT_NAME
+
+    def link(path: Path | None) -> str:
+        if path is None or not path.is_file():
+            return ""
+        return Path(os.path.relpath(path, relative_to)).as_posix() if relative_to else str(path)
+
+    columns = ["run_id", "checkpoint_hash", "dataset", "checkpoint", "model_card"]
+    return pd.DataFrame([{"run_id": r.run_id, "checkpoint_hash": str(r.card.get("checkpoint_hash") or ""),
+                          "dataset": str(r.card.get("dataset") or ""), "checkpoint": link(r.path / CHECKPOINT_NAME),
+                          "model_card": link(r.card_path)} for r in runs], columns=columns)

@@ -1,0 +1,217 @@
+"""The report: tables built from the inputs (``tables``), rendered in every format (``render``), plots (``plots``) and
+an ``index.md`` tying them together, written into a folder that replaces the previous report whole."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from robust_enc.errors import UserError
+from robust_enc.io import replace_folder_atomic, write_text_atomic
+from robust_enc.reports.inputs import ReportInputs, RunFolder, load_inputs, runs_frame
+from robust_enc.results import parse_eps
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("md", "csv", "json")
+TABLES = {  # file stem -> title
+    "table3": "Table 3: clean and adversarial top-1 (%), difference to the baseline, GBR",
+    "leaderboard": "Leaderboard",
+    "correlation": "Correlation of GBR with accuracy and the generalization gap",
+}
+# What a report folder holds (write_report), hidden temp files aside: a folder holding only these may be replaced.
+_REPORT_ENTRY = re.compile(rf"^(index\.md|plots|({'|'.join(TABLES)})\.\w+|\..*\.tmp)$")
+
+
+def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    from robust_enc.reports.render import FORMATS
+
+    chosen = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
+    for fmt in chosen:
+        FORMATS.lookup(fmt)  # unknown -> UserError with the known names
+    if not chosen:
+        raise UserError(f"no report format given; choose from {', '.join(FORMATS.names())}")
+    return chosen
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` when it is a folder or can be made one (no file in its place or above it) and holds nothing but an
+    earlier report (it is replaced whole), else a UserError."""
+    out_dir = Path(out_dir)
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"--out {out_dir}: {path} is a file, not a folder; choose another output folder")
+            break
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _REPORT_ENTRY.match(p.name))
+        if foreign:
+            raise UserError(f"--out {out_dir} holds files that are not a robust-enc report ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}), and a report replaces its folder whole: "
+                            "choose a new or empty folder")
+    return out_dir
+
+
+def _normalize_eps(eps: float | str | Sequence[float | str] | None) -> list[float] | None:
+    if eps is None:
+        return None
+    return list(parse_eps(eps)) if isinstance(eps, (int, float, str)) or list(eps) else None
+
+
+@dataclass
+class Report:
+    """The report's tables before rendering: ``tables`` as shown (table3, leaderboard, correlation), ``full_table3``
+    with every attack and eps (for the plots), and the notes for the reader."""
+    data: ReportInputs
+    tables: dict[str, pd.DataFrame]
+    full_table3: pd.DataFrame
+    notes: list[str]
+
+
+def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, attack: str | None = None,
+                eps: float | str | Sequence[float | str] | None = None, link_base: Path | None = None,
+                order: Sequence[str] = ()) -> Report:
+    """Read and merge the inputs and build the tables; ``attack`` / ``eps`` restrict the tables to that attack /
+    those eps (floats or "k/255") and pick the leaderboard's threat; ``order`` gives Table 3's row order after the
+    baseline (see ``tables.table3``); model-card and checkpoint links are relative to ``link_base``."""
+    from robust_enc.reports import tables
+
+    eps_values = _normalize_eps(eps)
+    data = load_inputs(inputs)
+    frame = tables.results_frame(data.rows)
+    full = tables.table3(frame, baseline=baseline, order=order)
+    shown = tables.select_threats(full, attack=attack, eps=eps_values)
+    built = {"table3": shown,
+             "leaderboard": tables.leaderboard(frame, runs_frame(data.runs, link_base), attack=attack, eps=eps_values),
+             # Each trained model is a point (seeds too), so n and the p-values count models, not row means.
+             "correlation": tables.correlation(tables.select_threats(tables.replicates(frame), attack=attack,
+                                                                     eps=eps_values))}
+    notes = [f"conflicting duplicate rows (kept the newest): {c.describe()}" for c in data.conflicts] + data.notes
+    # What was left out of the inputs concerns every table: each JSON file carries it with the table's own notes.
+    input_notes = list(notes)
+    for table in built.values():
+        own = table.attrs.get("notes", [])
+        notes += [n for n in own if n not in notes]
+        table.attrs["notes"] = input_notes + [n for n in own if n not in input_notes]
+    return Report(data, built, full, notes)
+
+
+def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Path]:
+    """Render every table in every format, draw the plots into plots/, write index.md, all into a temporary folder
+    that then takes ``out_dir``'s place: a failure (a full disk, ...) leaves the previous report whole and nothing
+    half-written. Returns {path relative to out_dir: path}."""
+    formats = check_formats(formats)
+    out_dir = check_out_dir(out_dir)
+    written = replace_folder_atomic(out_dir, lambda tmp: _write_report_files(report, tmp, formats))
+    log.info("report: %d files in %s", len(written), out_dir)
+    return {rel: out_dir / rel for rel in written}
+
+
+def _write_report_files(report: Report, out_dir: Path, formats: Sequence[str]) -> dict[str, Path]:
+    from robust_enc.reports import render
+
+    written: dict[str, Path] = {}
+    for name, table in report.tables.items():
+        for fmt in formats:
+            file_name = f"{name}.{render.format_suffix(fmt)}"
+            written[file_name] = write_text_atomic(out_dir / file_name,
+                                                   render.render_table(table, name, fmt, TABLES[name]))
+    notes = list(report.notes)
+    figures = _draw_plots(report.full_table3, report.tables["leaderboard"], report.data.runs, out_dir / "plots",
+                          notes)
+    written.update({p.relative_to(out_dir).as_posix(): p for p in figures})
+    index = _index_markdown(report, formats, figures, out_dir, notes)
+    written["index.md"] = write_text_atomic(out_dir / "index.md", index)
+    return written
+
+
+def build_report(inputs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None,
+                 formats: Sequence[str] = DEFAULT_FORMATS, attack: str | None = None,
+                 eps: float | str | Sequence[float | str] | None = None, order: Sequence[str] = ()) -> dict[str, Path]:
+    """Write the report into ``out_dir``: table3 / leaderboard / correlation in each format, PNG plots under
+    plots/, and index.md (see ``make_report`` for attack / eps / order). Returns {path relative to out_dir: path}."""
+    formats = check_formats(formats)  # before any reading: a typo or a bad --out fails fast
+    check_out_dir(out_dir)
+    report = make_report(inputs, baseline=baseline, attack=attack, eps=eps, link_base=Path(out_dir), order=order)
+    return write_report(report, out_dir, formats)
+
+
+def _draw_plots(full: pd.DataFrame, board: pd.DataFrame, runs: list[RunFolder], plot_dir: Path,
+                notes: list[str]) -> list[Path]:
+    import pandas as pd
+
+    from robust_enc.reports import plots, tables
+
+    figures = plots.plot_accuracy_vs_eps(tables.accuracy_vs_eps(full), plot_dir)
+    if not figures:
+        notes.append("accuracy-vs-eps plots skipped: no adversarial results")
+    threat = board.attrs.get("threat")
+    if threat:
+        threat = tables.Threat(**threat)
+        datasets = list(dict.fromkeys(full["dataset"]))
+        for dataset in datasets:
+            name = (f"gbr_vs_{plots.slug(threat.attack)}_{plots.slug(threat.norm)}_"
+                    f"{plots.eps_name(threat.eps, threat.norm)}")
+            name += f"_{plots.slug(dataset)}" if len(datasets) > 1 else ""
+            path = plots.plot_gbr_vs_accuracy(full[full["dataset"] == dataset], threat, plot_dir / f"{name}.png")
+            if path is None:
+                notes.append(f"GBR scatter for {dataset} skipped: no model with both GBR and that attack's result")
+            else:
+                figures.append(path)
+    else:
+        notes.append("GBR scatter skipped: no adversarial results")
+
+    histories: dict[str, dict[str, pd.DataFrame]] = {}  # data set -> run -> metrics
+    for run in runs:
+        if run.metrics_path is None:
+            continue
+        try:
+            metrics = pd.read_csv(run.metrics_path)
+        except (OSError, ValueError, pd.errors.ParserError) as err:
+            raise UserError(f"{run.metrics_path}: not a readable metrics.csv ({err})") from None
+        histories.setdefault(str(run.card.get("dataset") or "unknown"), {})[run.run_id] = metrics
+    for dataset, by_run in histories.items():
+        name = "gbr_epochs" + (f"_{plots.slug(dataset)}" if len(histories) > 1 else "")
+        path = plots.plot_gbr_over_epochs(by_run, plot_dir / f"{name}.png", title=f"GBR during training ({dataset})")
+        if path is not None:
+            figures.append(path)
+    if not any(p.name.startswith("gbr_epochs") for p in figures):
+        notes.append("GBR-over-epochs plot skipped: no run folder with per-epoch gbr in metrics.csv")
+    return figures
+
+
+def _index_markdown(report: Report, formats: Sequence[str], figures: list[Path], out_dir: Path,
+                    notes: list[str]) -> str:
+    from robust_enc import __version__
+    from robust_enc.reports import render
+
+    data, built = report.data, report.tables
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = ["# robust-enc report", "",
+             f"{len(data.rows)} result rows ({data.rows_read} read, duplicates merged) from {len(data.sources)} "
+             f"results files; {len(data.runs)} run folders. Written {stamp} by robust-enc {__version__}.", "",
+             "Accuracies are top-1 in percent; differences to the baseline row in percentage points; GBR is eq. 18 "
+             "of the paper (± the spread over seeds, or the estimator's standard error for one seed).", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    for name, table in built.items():
+        title = TABLES[name]
+        threat = table.attrs.get("threat")
+        if threat:
+            title += f" at {render.threat_label(threat['attack'], threat['norm'], threat['eps'])}"
+        links = " · ".join(f"[{fmt}]({name}.{render.format_suffix(fmt)})" for fmt in formats)
+        lines += [f"## {title}", "", render.render_table(table, name, "md").rstrip(), "", f"Files: {links}", ""]
+    if figures:
+        lines += ["## Plots", ""]
+        for path in figures:
+            rel = path.relative_to(out_dir).as_posix()
+            lines += [f"![{path.stem}]({rel})", ""]
+    return "\n".join(lines)
