@@ -29,8 +29,10 @@ from torch import nn
 from benchmarks._common import alternate, machine, write_section
 from robust_enc.attacks import evaluate_model
 from robust_enc.checkpoint import state_hash
-from robust_enc.data import DatasetInfo, build_dataset, build_loader
-from robust_enc.models import ModelSpec, build_model
+from robust_enc.data import build_dataset, build_loader
+from robust_enc.images import DatasetInfo
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
 from robust_enc.runtime.device import strict_fp32
 
 EPS = 8 / 255

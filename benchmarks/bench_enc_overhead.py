@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks._common import machine, write_section
-from robust_enc.models import ModelSpec, build_model
-from robust_enc.train.regularizers import build_recipe, canonical_spec
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model, canonical_spec
+from robust_enc.train.recipe import build_recipe
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def profile_markdown(setting: Setting, specs: tuple[str, ...], steps: int, top: 
     the last spec first; and how often a weight is normalized per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from robust_enc.train import enc
+    from robust_enc.regularizers import enc
 
     x, y = (t.to(setting.device) for t in setting_batch(setting))
     stats: dict[str, dict[str, tuple[float, float]]] = {}

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from benchmarks._common import machine, write_section
 from robust_enc.data import build_dataset, build_loader
 from robust_enc.gbr import GBRResult, measure_gbr
-from robust_enc.models import ModelSpec, build_model
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
 
 log = logging.getLogger("bench_gbr")
 

@@ -34,8 +34,8 @@ from benchmarks._common import alternate, machine, write_section
 from robust_enc.attacks import evaluate_model
 from robust_enc.data import build_dataset, build_loader
 from robust_enc.imagenet import canonical_wnids
-from robust_enc.models import ModelSpec, build_model
-from robust_enc.train.enc import bake_model
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import bake_model, build_model
 
 EPS = 8 / 255
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from robust_enc.data import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, levels_of, to_float
 from robust_enc.errors import UserError
+from robust_enc.images import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, levels_of, to_float
 
 log = logging.getLogger(__name__)
 

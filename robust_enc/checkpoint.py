@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_enc.data import DatasetInfo
 from robust_enc.errors import UserError
+from robust_enc.images import DatasetInfo
 from robust_enc.io import write_atomic
-from robust_enc.models import ModelSpec, NormalizedModel, build_model
+from robust_enc.models import ModelSpec, NormalizedModel
+from robust_enc.regularizers import build_model
 from robust_enc.results import library_versions
 from robust_enc.runtime.seeding import safe_rng_state
 

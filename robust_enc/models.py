@@ -193,7 +193,8 @@ def timm_any(num_classes: int, in_chans: int, argument: str, **kwargs: Any) -> n
 
 
 def build_network(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedModel:
-    """Build the plain network (no regularizer changes) from a spec."""
+    """Build the plain network from a spec; ``regularizers.build_model`` adds its regularizer's architecture
+    changes."""
     entry, argument = MODELS.lookup(spec.name)
     channels, height, width = spec.input_shape
     min_size = entry.meta.get("min_size", 1)
@@ -207,13 +208,6 @@ def build_network(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedMod
         kwargs["pretrained"] = True
     net = entry.obj(num_classes=spec.num_classes, in_chans=channels, **kwargs)
     return NormalizedModel(Normalize(spec.mean, spec.std), net)
-
-
-def build_model(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedModel:
-    """Build a model with the architecture changes its regularizer spec asks for (ENC, WN, WS, Dropout, ...)."""
-    from robust_enc.train.regularizers import prepare_model  # lazy: train/ builds on models, not the reverse
-
-    return prepare_model(build_network(spec, pretrained=pretrained), spec.regularizer)
 
 
 def classifier_of(model: nn.Module) -> nn.Module | None:

@@ -146,8 +146,8 @@ def sweep_plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str
     """TrainConfigs of the weight-decay sweep (``Preset.sweep``): ``row`` at each weight decay, first seed, under
     ``out/wd-sweep/`` with run ids ``<model>-<data>-<row>-wd<lambda>-s<seed>``; [] without a sweep."""
     from robust_enc.config import replace_checked
+    from robust_enc.regularizers import run_name
     from robust_enc.train.loop import TrainConfig, dataset_short, resolve_config
-    from robust_enc.train.regularizers import run_name
 
     if not preset.sweep:
         return []
@@ -174,8 +174,8 @@ def plot_sweep(preset: Preset, sweep: list[Any], pairs: list[tuple[Any, Any]], p
     the analogue of the paper's Figures 1 and 3, one plot."""
     import pandas as pd
 
+    from robust_enc.regularizers import canonical_spec
     from robust_enc.reports.plots import plot_gbr_over_epochs
-    from robust_enc.train.regularizers import canonical_spec
 
     seed = preset.seeds[0]
     row, against = preset.sweep.get("row", "baseline"), preset.sweep.get("against", "enc")

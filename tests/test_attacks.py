@@ -18,8 +18,10 @@ from robust_enc.attacks.evaluation import _measure_gbr, evaluate, evaluate_model
 from robust_enc.attacks.registry import ATTACKS, parse_attacks
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
-from robust_enc.data import DatasetInfo, TensorImages, build_dataset, build_loader
-from robust_enc.models import ModelSpec, build_model, frozen
+from robust_enc.data import build_dataset, build_loader
+from robust_enc.images import DatasetInfo, TensorImages
+from robust_enc.models import ModelSpec, frozen
+from robust_enc.regularizers import build_model
 from robust_enc.results import ResultRow, parse_eps, read_results
 from robust_enc.runtime.seeding import seed_everything, seed_for
 

@@ -17,10 +17,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from robust_enc.attacks import art_adapter
 from robust_enc.attacks.evaluation import evaluate_model
-from robust_enc.data import (
+from robust_enc.data import build_dataset, build_loader
+from robust_enc.images import (
     TensorImages,
-    build_dataset,
-    build_loader,
     bytes_to_unit,
     levels_of,
     loader_levels,
@@ -28,9 +27,10 @@ from robust_enc.data import (
     to_float_images,
     uint8_view,
 )
-from robust_enc.models import ModelSpec, build_model, frozen
+from robust_enc.models import ModelSpec, frozen
+from robust_enc.regularizers import build_model
 from robust_enc.train.loop import train_one_epoch
-from robust_enc.train.regularizers import build_recipe
+from robust_enc.train.recipe import build_recipe
 
 # The stand-in accelerator is torch's "meta" device (it has no storage of its own, so nothing else can put real
 # values there, and autograd runs its backward on the CPU thread); the values live in a CPU tensor inside.

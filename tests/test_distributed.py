@@ -23,12 +23,13 @@ from robust_enc.attacks import art_adapter
 from robust_enc.attacks.evaluation import evaluate_model
 from robust_enc.data import build_dataset
 from robust_enc.gbr import measure_gbr
-from robust_enc.models import ModelSpec, build_model
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
 from robust_enc.runtime import distributed as D
 from robust_enc.runtime.device import MEASUREMENT_PRECISION
 from robust_enc.runtime.distributed import evaluation_process
 from robust_enc.train.loop import NonFiniteLoss, build_training_model, train_one_epoch
-from robust_enc.train.regularizers import build_recipe
+from robust_enc.train.recipe import build_recipe
 
 TINY_PRESET = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_reproduce.json"
 

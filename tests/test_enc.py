@@ -13,8 +13,8 @@ from torch.nn.utils import parametrize
 
 from robust_enc.checkpoint import load_state_strict
 from robust_enc.models import MODELS, ModelSpec, build_network, classifier_of
-from robust_enc.train import enc
-from robust_enc.train.regularizers import build_recipe, export_spec, prepare_model
+from robust_enc.regularizers import enc, export_spec, prepare_model
+from robust_enc.train.recipe import build_recipe
 
 # Every model registry name (as test_foundation's ZOO) plus a timm model with depthwise convolutions, each built at its
 # smallest input with few classes. Built once per module: the largest (resnext101_32x8d) takes ~2 s on 2 busy cores,

@@ -18,10 +18,12 @@ from robust_enc.checkpoint import (
     state_hash,
 )
 from robust_enc.cli import main
-from robust_enc.data import DATASETS, balanced_subset_indices, build_dataset, build_loader, unreadable_count
+from robust_enc.data import DATASETS, balanced_subset_indices, build_dataset, build_loader
 from robust_enc.errors import UserError
-from robust_enc.models import MODELS, ModelSpec, NormalizedModel, build_model, weight_norms
+from robust_enc.images import unreadable_count
+from robust_enc.models import MODELS, ModelSpec, NormalizedModel, weight_norms
 from robust_enc.registry import Registry
+from robust_enc.regularizers import build_model
 from robust_enc.results import FIELD_NAMES, ResultRow, append_results, read_results, write_results
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

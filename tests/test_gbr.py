@@ -15,7 +15,8 @@ from robust_enc import cli
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.data import build_dataset, build_loader
 from robust_enc.gbr import OUTPUTS, GBRResult, measure_gbr, per_example_gbr
-from robust_enc.models import ModelSpec, build_model
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
 
 
 class Linear(nn.Module):
@@ -462,7 +463,8 @@ def test_cli_model_without_weights_or_dataset(gbr_cli, run_dir, capsys) -> None:
 def test_train_mode_with_a_single_example_batch_is_a_user_error():
     from robust_enc.errors import UserError
     from robust_enc.gbr import measure_gbr
-    from robust_enc.models import ModelSpec, build_model
+    from robust_enc.models import ModelSpec
+    from robust_enc.regularizers import build_model
 
     model = build_model(ModelSpec("resnet_tiny", 10, (1, 8, 8), (0.5,), (0.25,)))
     x = torch.rand(3, 1, 8, 8)

@@ -23,10 +23,12 @@ from robust_enc.attacks.config import AttackConfig, BatchReport
 from robust_enc.attacks.evaluation import evaluate
 from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
-from robust_enc.data import DatasetInfo, build_dataset, build_loader
+from robust_enc.data import build_dataset, build_loader
 from robust_enc.errors import UserError
-from robust_enc.models import ModelSpec, build_model
-from robust_enc.train.enc import parametrized_layers
+from robust_enc.images import DatasetInfo
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
+from robust_enc.regularizers.enc import parametrized_layers
 
 SYNSETS = Path(__import__("timm").__file__).parent / "data" / "_info" / "imagenet_synsets.txt"
 WNIDS = SYNSETS.read_text().split()  # the reference: the standard order, as shipped

@@ -11,16 +11,8 @@ from torch import nn
 from robust_enc.data import build_dataset
 from robust_enc.errors import UserError
 from robust_enc.models import ModelSpec, build_network
-from robust_enc.train import enc
-from robust_enc.train.regularizers import (
-    REGULARIZERS,
-    build_recipe,
-    canonical_spec,
-    export_spec,
-    parse_spec,
-    prepare_model,
-    run_name,
-)
+from robust_enc.regularizers import REGULARIZERS, canonical_spec, enc, export_spec, parse_spec, prepare_model, run_name
+from robust_enc.train.recipe import build_recipe
 
 WD = 5e-4
 

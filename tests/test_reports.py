@@ -216,7 +216,7 @@ def test_named_baseline_by_regularizer_or_run_id_and_unknown_name():
 @pytest.mark.parametrize("name", ["cutmix", "cutmix:prob=1.0", "cutmix:alpha=1.0,prob=1.0"])
 def test_named_baseline_matches_the_canonical_specs_that_real_results_record(name):
     """train and attack write the canonical spec ("cutmix:alpha=1.0,prob=1.0"); users type the short name."""
-    from robust_enc.train.regularizers import canonical_spec
+    from robust_enc.regularizers import canonical_spec
 
     rows = [ResultRow(**{**r.to_dict(), "regularizer": canonical_spec(r.regularizer)}) for r in _paper_rows()]
     table = tables.table3(tables.results_frame(rows), baseline=name)

@@ -31,7 +31,8 @@ from robust_enc.cli import main
 from robust_enc.data import build_dataset
 from robust_enc.errors import UserError
 from robust_enc.io import sweep_stale_temps, write_text_atomic
-from robust_enc.models import ModelSpec, build_model
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
 from robust_enc.reports import build_report
 from robust_enc.results import ResultRow, read_results, write_results
 from robust_enc.runtime.seeding import live_rng_state

@@ -16,8 +16,8 @@ from robust_enc.attacks.checks import RowStats, check_rows
 from robust_enc.attacks.config import AttackConfig, Provenance
 from robust_enc.attacks.registry import ATTACKS, Plan, Prepared, SweepFGSM
 from robust_enc.attacks.state import Tallies, new_tally, tally_key
-from robust_enc.data import DatasetInfo, to_float_images
 from robust_enc.errors import UserError
+from robust_enc.images import DatasetInfo, to_float_images
 from robust_enc.models import top_k_hits
 from robust_enc.results import ResultRow, library_versions
 from robust_enc.runtime.device import MEASUREMENT_PRECISION

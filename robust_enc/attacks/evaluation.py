@@ -38,9 +38,9 @@ from robust_enc.attacks.config import AttackConfig, BatchReport, OnBatch, Proven
 from robust_enc.attacks.counting import Evaluation, gbr_columns, result_rows
 from robust_enc.attacks.registry import ATTACKS, check_eps, parse_attacks
 from robust_enc.attacks.state import all_reduce, load_progress, progress_path, save_progress, tally_key
-from robust_enc.data import DatasetInfo, build_dataset, build_loader, loader_levels, unreadable_count
-from robust_enc.data import eval_split as evaluation_split
+from robust_enc.data import build_dataset, build_loader, evaluation_split
 from robust_enc.errors import UserError
+from robust_enc.images import DatasetInfo, loader_levels, unreadable_count
 from robust_enc.models import frozen, weight_norms
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions, parse_eps
 from robust_enc.runtime.distributed import barrier, evaluation_process
@@ -204,7 +204,7 @@ def evaluate(config: AttackConfig, *, max_batches: int | None = None,
 
     Everything the user can get wrong is checked before the first batch (UserError)."""
     from robust_enc.checkpoint import ModelSource
-    from robust_enc.train.enc import bake_model
+    from robust_enc.regularizers import bake_model
 
     parse_attacks(config.attacks)
     if config.norm not in art_adapter.NORMS:

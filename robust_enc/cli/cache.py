@@ -17,11 +17,11 @@ def add_arguments(parser: Any) -> None:
 
 def run(args: Any) -> int:
     from robust_enc.cache import CachedImages
-    from robust_enc.data import build_dataset, eval_split
+    from robust_enc.data import build_dataset, evaluation_split
 
     if not args.cache:
         raise UserError("robust-enc cache needs --cache DIR (the folder the decoded images go to)")
-    split = args.split or eval_split(args.dataset)
+    split = args.split or evaluation_split(args.dataset)
     dataset, info = build_dataset(args.dataset, split, data_dir=args.data_dir, download=args.download,
                                   subset=args.subset, image_size=args.image_size, subset_list=args.subset_list,
                                   cache=args.cache, workers=args.workers)

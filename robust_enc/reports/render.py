@@ -95,7 +95,7 @@ def short_regularizer(spec: str) -> str:
     """The regularizer's run name ("enc+cutmix+ls", non-default settings shown) when the regularizer registry can
     read the spec, else the spec as written."""
     try:
-        from robust_enc.train.regularizers import run_name
+        from robust_enc.regularizers import run_name
 
         return run_name(spec)
     except Exception:  # noqa: BLE001 - display only: an unknown or older spec is shown verbatim

@@ -162,7 +162,7 @@ def _group_label(rows: pd.DataFrame) -> tuple[str, str | None]:
 def _spec_forms(spec: str) -> frozenset[str]:
     """The names a regularizer spec goes by: as written, canonical ("cutmix:alpha=1.0,prob=1.0") and the short run
     name ("cutmix"); just the text when the registry cannot read it (an unknown or older spec)."""
-    from robust_enc.train.regularizers import canonical_spec, run_name
+    from robust_enc.regularizers import canonical_spec, run_name
 
     try:
         return frozenset({spec, canonical_spec(spec), run_name(spec)})

@@ -1,7 +1,7 @@
 """The training loop: one ``TrainConfig`` -> one run folder, on the CPU, one GPU, or many through ``torchrun``.
 
 torchvision-reference shape (verb-named ``train_one_epoch`` / ``evaluate``); everything regularizer-specific sits in
-the ``Recipe`` of ``train.regularizers`` (param groups, batch transforms, loss terms, SAM-style double steps), so this
+the ``Recipe`` of ``train.recipe`` (param groups, batch transforms, loss terms, SAM-style double steps), so this
 file knows nothing about ENC, CutMix or label smoothing.
 
 Run folder ``<out_dir>/<run_id>/``: ``config.json`` (written first), ``checkpoint.pt`` (after every epoch, atomic,
@@ -36,25 +36,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_enc.checkpoint import CHECKPOINT_NAME, load_state_strict, save_checkpoint
 from robust_enc.config import config_to_dict
-from robust_enc.data import (
-    DATASETS,
-    balanced_subset,
-    build_dataset,
-    build_loader,
-    collate_readable,
-    eval_split,
-    loader_levels,
-    to_float_images,
-    uint8_view,
-)
+from robust_enc.data import DATASETS, balanced_subset, build_dataset, build_loader, evaluation_split
 from robust_enc.errors import UserError
+from robust_enc.images import collate_readable, loader_levels, to_float_images, uint8_view
 from robust_enc.io import write_text_atomic
 from robust_enc.models import MODELS, ModelSpec, build_network, top_k_hits, weight_norms
+from robust_enc.regularizers import canonical_spec, prepare_model, run_name
 from robust_enc.runtime import distributed as D
 from robust_enc.runtime.device import resolve_device
 from robust_enc.runtime.seeding import capture_rng, restore_rng, seed_everything, stream_seed
 from robust_enc.runtime.sharding import GlobalBatchSampler, shard_indices
-from robust_enc.train.regularizers import build_recipe, canonical_spec, prepare_model, run_name
+from robust_enc.train.recipe import build_recipe
 from robust_enc.train.run_folder import (
     EXPORT_NAME,
     TORCHSCRIPT_NAME,
@@ -457,8 +449,8 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     run_dir = Path(config.out_dir) / config.run_id
     data_kw: dict[str, Any] = dict(data_dir=config.data_dir, download=config.download, image_size=config.image_size)
     train_set, train_info = build_dataset(config.dataset, "train", subset=config.subset, augment=True, **data_kw)
-    evaluation_split = eval_split(config.dataset)
-    val_set, _ = build_dataset(config.dataset, evaluation_split, subset=config.val_subset, **data_kw)
+    eval_split = evaluation_split(config.dataset)
+    val_set, _ = build_dataset(config.dataset, eval_split, subset=config.val_subset, **data_kw)
     recipe = build_recipe(config.regularizer, num_classes=train_info.num_classes, batch_size=config.batch_size,
                           weight_decay=config.weight_decay)
     sampler = GlobalBatchSampler(len(train_set), config.batch_size, seed=config.seed, rank=ctx.rank,
@@ -533,7 +525,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
     val_loader = build_loader(val_shard, batch_size=eval_batch, workers=config.workers, uint8=True)
     probe_loader = None
     if ctx.is_main and config.gbr_probe_size > 0:
-        probe_set, _ = build_dataset(config.dataset, evaluation_split, subset=config.gbr_probe_size, **data_kw)
+        probe_set, _ = build_dataset(config.dataset, eval_split, subset=config.gbr_probe_size, **data_kw)
         probe_loader = build_loader(probe_set, batch_size=min(eval_batch, 64), workers=config.workers)
 
     if ctx.is_main:

@@ -21,8 +21,8 @@ from robust_enc.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, 
 from robust_enc.config import config_to_dict
 from robust_enc.errors import UserError
 from robust_enc.io import write_atomic, write_text_atomic
+from robust_enc.regularizers import bake_model, export_spec
 from robust_enc.runtime import distributed as D
-from robust_enc.train.regularizers import bake_model, export_spec
 
 if TYPE_CHECKING:
     from robust_enc.train.loop import TrainConfig

@@ -27,11 +27,12 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from robust_enc.models import WEIGHT_LAYERS, classifier_of
+
 logger = logging.getLogger(__name__)
 
 Variant = Literal["eq20", "eq21", "eq22", "eq23"]
 VARIANTS: tuple[str, ...] = ("eq20", "eq21", "eq22", "eq23")
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers whose weights ENC constrains
 NORM_EPS = 1e-12  # guards the divisions by a norm; far below any trained weight's norm, so the invariant stays exact
 
 
@@ -318,11 +319,9 @@ class WSWeight(nn.Module):
 
 def target_layers(model: nn.Module, *, classifier: bool = True) -> list[tuple[str, nn.Module]]:
     """(name, module) of every conv and linear layer with a weight, optionally without the final classifier."""
-    from robust_enc.models import classifier_of  # lazy: models imports train/ lazily too
-
     head = None if classifier else classifier_of(model)
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LAYER_TYPES) and m is not head and isinstance(getattr(m, "weight", None), torch.Tensor)]
+            if isinstance(m, WEIGHT_LAYERS) and m is not head and isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
 def _check_unparametrized(name: str, module: nn.Module) -> None:
