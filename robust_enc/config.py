@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 from robust_enc.errors import UserError
-from robust_enc.io import write_text_atomic
 
 C = TypeVar("C")
 
@@ -52,10 +49,3 @@ def replace_checked(config: C, **overrides: Any) -> C:
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
-
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    return replace_checked(cls(), **data)  # type: ignore[call-arg]
-
-
-def write_config(path: str | Path, config: Any) -> Path:
-    return write_text_atomic(path, json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")

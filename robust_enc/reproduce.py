@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robust_enc.errors import UserError
-from robust_enc.runtime.distributed import is_distributed, is_main
+from robust_enc.runtime.distributed import is_main_process
+from robust_enc.runtime.progress import task
 
 if TYPE_CHECKING:
     from robust_enc.reports import Report
@@ -98,7 +98,7 @@ def plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str | Non
     from robust_enc.attacks.registry import parse_attacks
     from robust_enc.config import replace_checked
     from robust_enc.results import parse_eps
-    from robust_enc.train.loop import TrainConfig, resolve_config
+    from robust_enc.train.config import TrainConfig, resolve_config
 
     train_overrides = dict(preset.train)
     if epochs is not None:
@@ -147,7 +147,7 @@ def sweep_plan(preset: Preset, out: Path, *, device: str = "auto", data_dir: str
     ``out/wd-sweep/`` with run ids ``<model>-<data>-<row>-wd<lambda>-s<seed>``; [] without a sweep."""
     from robust_enc.config import replace_checked
     from robust_enc.regularizers import run_name
-    from robust_enc.train.loop import TrainConfig, dataset_short, resolve_config
+    from robust_enc.train.config import TrainConfig, dataset_short, resolve_config
 
     if not preset.sweep:
         return []
@@ -237,13 +237,6 @@ def sanity_flags(pairs: list[tuple[Any, Any]]) -> list[str]:
     return lines
 
 
-def is_main_process() -> bool:
-    """Rank 0 under torchrun, and any plain run: the one process that writes and prints the report. Before the
-    process group is joined (it is joined once and kept), the rank torchrun set decides."""
-
-    return is_main() if is_distributed() else int(os.environ.get("RANK", "0")) == 0
-
-
 def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir: str | None = None,
               epochs: int | None = None, workers: int | None = None) -> tuple[Report | None, dict[str, Path]]:
     """Train, attack and measure every row x seed of ``preset`` under ``out``, then write the report to
@@ -256,23 +249,29 @@ def reproduce(preset: Preset, out: str | Path, *, device: str = "auto", data_dir
 
     out = Path(out)
     pairs = plan(preset, out, device=device, data_dir=data_dir, epochs=epochs, workers=workers)
+    sweep = sweep_plan(preset, out, device=device, data_dir=data_dir, epochs=epochs, workers=workers)
     start = time.perf_counter()
     trained = set()
-    for i, (train_config, attack_config) in enumerate(pairs, 1):
-        log.warning("[%d/%d] %s: %s", i, len(pairs), train_config.run_id, ",".join(attack_config.attacks))
-        if train_config.run_id not in trained:  # a model with several evaluations is trained once
+    main_process = is_main_process()
+    with task(f"study {preset.name}", len(pairs) + len(sweep), show=main_process) as study:
+        for i, (train_config, attack_config) in enumerate(pairs, 1):
+            log.info("[%d/%d] %s: %s", i, len(pairs), train_config.run_id, ",".join(attack_config.attacks))
+            study.update(info=train_config.run_id)
+            if train_config.run_id not in trained:  # a model with several evaluations is trained once
+                train(train_config)
+                trained.add(train_config.run_id)
+            if _attack_done(attack_config):
+                log.info("%s: attacks already done, skipped", train_config.run_id)
+            else:
+                evaluate(attack_config)
+            study.update(advance=1)
+        for i, train_config in enumerate(sweep, 1):
+            log.info("[sweep %d/%d] %s", i, len(sweep), train_config.run_id)
+            study.update(info=train_config.run_id)
             train(train_config)
-            trained.add(train_config.run_id)
-        if _attack_done(attack_config):
-            log.info("%s: attacks already done, skipped", train_config.run_id)
-        else:
-            evaluate(attack_config)
-    sweep = sweep_plan(preset, out, device=device, data_dir=data_dir, epochs=epochs, workers=workers)
-    for i, train_config in enumerate(sweep, 1):
-        log.warning("[sweep %d/%d] %s", i, len(sweep), train_config.run_id)
-        train(train_config)
-    log.warning("trained and attacked %d models in %.0f s", len(trained), time.perf_counter() - start)
-    if not is_main_process():
+            study.update(advance=1)
+    log.info("trained and attacked %d models in %.0f s", len(trained), time.perf_counter() - start)
+    if not main_process:
         return None, {}
     report = make_report([out / "runs"], baseline=preset.report.get("baseline"), link_base=out / "report",
                          order=preset.rows)

@@ -29,7 +29,7 @@ from robust_enc.images import (
 )
 from robust_enc.models import ModelSpec, frozen
 from robust_enc.regularizers import build_model
-from robust_enc.train.loop import train_one_epoch
+from robust_enc.train.epoch import train_one_epoch
 from robust_enc.train.recipe import build_recipe
 
 # The stand-in accelerator is torch's "meta" device (it has no storage of its own, so nothing else can put real

@@ -28,7 +28,8 @@ from robust_enc.regularizers import build_model
 from robust_enc.runtime import distributed as D
 from robust_enc.runtime.device import MEASUREMENT_PRECISION
 from robust_enc.runtime.distributed import evaluation_process
-from robust_enc.train.loop import NonFiniteLoss, build_training_model, train_one_epoch
+from robust_enc.train.epoch import NonFiniteLoss, train_one_epoch
+from robust_enc.train.loop import build_training_model
 from robust_enc.train.recipe import build_recipe
 
 TINY_PRESET = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_reproduce.json"

@@ -36,7 +36,9 @@ from robust_enc.regularizers import build_model
 from robust_enc.reports import build_report
 from robust_enc.results import ResultRow, read_results, write_results
 from robust_enc.runtime.seeding import live_rng_state
-from robust_enc.train.loop import EXPLODED_LOSS_FACTOR, Progress, TrainConfig, exploded_loss, train
+from robust_enc.train.config import TrainConfig
+from robust_enc.train.epoch import EXPLODED_LOSS_FACTOR, Progress, exploded_loss
+from robust_enc.train.loop import train
 from robust_enc.train.run_folder import write_metrics
 
 REPO = Path(__file__).resolve().parent.parent

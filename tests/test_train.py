@@ -21,7 +21,9 @@ from robust_enc.cli import main
 from robust_enc.errors import UserError
 from robust_enc.models import weight_norms
 from robust_enc.runtime.sharding import GlobalBatchSampler
-from robust_enc.train.loop import Progress, TrainConfig, lr_factor, train
+from robust_enc.train.config import TrainConfig, lr_factor
+from robust_enc.train.epoch import Progress
+from robust_enc.train.loop import train
 from robust_enc.train.run_folder import METRIC_COLUMNS
 
 TINY = dict(model="resnet_tiny", dataset="digits", subset=64, val_subset=32, batch_size=32, device="cpu", seed=3)
@@ -192,7 +194,7 @@ def test_train_top1_is_clean_accuracy_on_the_training_split(tmp_path):
     """With mixup+cutout the running accuracy is measured on mixed, masked inputs in train mode; the card's and the
     checkpoint's train_top1 is top-1 in eval mode on the (unaugmented) training examples."""
     from robust_enc.data import build_dataset, build_loader
-    from robust_enc.train.loop import evaluate
+    from robust_enc.train.epoch import evaluate
 
     config = TrainConfig(**TINY, epochs=2, regularizer="mixup+cutout", gbr_probe_size=0, out_dir=str(tmp_path))
     run_dir = train(config)

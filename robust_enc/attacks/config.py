@@ -65,6 +65,7 @@ class BatchReport:
     data_wait_s: float = 0.0  # this session: seconds the loop waited for the DataLoader (decoding, transfer)
     compute_s: float = 0.0  # this session: seconds in the model and the attacks (clean pass, attacks, checks)
     session_images: int = 0  # images counted in this session (not resumed ones)
+    stopped: bool = False  # the session was cut short (``max_batches``): its progress is kept for a later call
 
     def time_split(self) -> str:
         """Where this session's time went: waiting for data vs model compute, with images/s for each (a data wait

@@ -18,12 +18,13 @@ the data set. Only integer counts (and a few maxima) are kept per (attack, eps).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ from robust_enc.images import DatasetInfo, loader_levels, unreadable_count
 from robust_enc.models import frozen, weight_norms
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions, parse_eps
 from robust_enc.runtime.distributed import barrier, evaluation_process
+from robust_enc.runtime.progress import Task, task
 from robust_enc.runtime.seeding import restored_rng, seed_for
 from robust_enc.runtime.sharding import ShardSampler
 
@@ -120,31 +122,15 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             run.levels = loader_levels(loader, device)
             done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
             total = done_before + len(sampler)
-            session_start, session_images = time.perf_counter(), 0
-            data_wait = compute = 0.0  # where the time goes: waiting for batches vs the model and attacks
-            stopped = False
-            waited_from = time.perf_counter()
-            for j, (x, y) in enumerate(loader):
-                arrived = time.perf_counter()
-                data_wait += arrived - waited_from
-                if max_batches is not None and j >= max_batches:
-                    stopped = True
-                    break
-                run.batch = rank + (start + j) * world
-                if len(y):
-                    run.count_batch(x, y)  # ends on host reads of the counts, so CUDA work is finished when it returns
-                compute += time.perf_counter() - arrived
-                session_images += len(y)
-                if progress is not None:
-                    save_progress(progress, key, start + j + 1, run.tallies)
-                if on_batch is not None:
-                    rate = session_images / max(time.perf_counter() - session_start, 1e-9)
-                    on_batch(BatchReport(done_before + session_images, total, rate, run.running(), data_wait, compute,
-                                         session_images))
-                waited_from = time.perf_counter()
-            if session_images:
-                log.info(BatchReport(0, 0, 0.0, {}, data_wait, compute, session_images).time_split())
-            if stopped:
+            with task(f"attack {provenance.run_id} ({','.join(attacks)})", total, completed=done_before,
+                      show=rank == 0) as bar:
+                session = _count_batches(run, loader, bar, start=start, rank=rank, world=world,
+                                         max_batches=max_batches, on_batch=on_batch,
+                                         save=(lambda done: save_progress(progress, key, done, run.tallies))
+                                         if progress is not None else None)
+            if session.session_images:
+                log.info(session.time_split())
+            if session.stopped:
                 log.warning("stopped after %d batches; rerun the same command to resume", max_batches)
                 return []
         skipped = unreadable_count(dataset)
@@ -255,3 +241,36 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *, attac
                             checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),
                             weight_sq_norm=sum(weight_norms(model).values()))
     return run_evaluation(model, data, info, config, provenance, out=Path(out) if out else None, on_batch=on_batch)
+
+
+def _count_batches(run: Evaluation, loader: Iterable, bar: Task, *, start: int, rank: int, world: int,
+                   max_batches: int | None, on_batch: OnBatch | None,
+                   save: Callable[[int], None] | None) -> BatchReport:
+    """Count this session's batches (this rank's ``start``-th on), saving the progress after each; returns the last
+    report (its ``stopped``: cut short by ``max_batches``)."""
+    done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
+    session = BatchReport(done_before, bar.total, 0.0)
+    session_start = waited_from = time.perf_counter()
+    for j, (x, y) in enumerate(loader):
+        arrived = time.perf_counter()
+        session.data_wait_s += arrived - waited_from
+        if max_batches is not None and j >= max_batches:
+            session.stopped = True
+            break
+        run.batch = rank + (start + j) * world
+        if len(y):
+            run.count_batch(x, y)  # ends on host reads of the counts, so CUDA work is finished when it returns
+        session.compute_s += time.perf_counter() - arrived
+        session.session_images += len(y)
+        session.done = done_before + session.session_images
+        session.images_per_s = session.session_images / max(time.perf_counter() - session_start, 1e-9)
+        session.running = run.running()
+        if save is not None:
+            save(start + j + 1)
+        if on_batch is not None:
+            on_batch(dataclasses.replace(session))
+        # The last entry is the worst case (or the only attack) at the largest eps: the number to watch.
+        watched = "".join(f", robust {k} {v:.1%}" for k, v in list(session.running.items())[-1:])
+        bar.update(completed=session.done, info=f"{session.images_per_s:,.0f} img/s{watched}")
+        waited_from = time.perf_counter()
+    return session

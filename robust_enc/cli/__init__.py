@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robust-enc", description=robust_enc.__doc__)
     parser.add_argument("--version", action="version", version=f"robust-enc {robust_enc.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="robust-enc's debug messages too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -73,13 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(_attach_dashed_values(argv))
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
         if not args.command:
             parser.print_help()
             return 2
+        from robust_enc.runtime.distributed import is_main_process
+        from robust_enc.runtime.progress import display, setup_logging
+
+        main_process = is_main_process()
+        setup_logging(verbose=args.verbose, main_process=main_process)
         _join_process_group(args)
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with display(show=main_process and sys.stderr.isatty()):
+            return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as err:
         if debug:
             raise

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
-import time
 
 from robust_enc.attacks.checks import flag_lines
 from robust_enc.attacks.config import AttackConfig, BatchReport
@@ -56,49 +53,6 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
         random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr)
 
 
-class _Progress:
-    """A rich progress bar (images/s, running robust accuracy) on a terminal; a plain line every 10% or 30 s
-    otherwise (logs, CI)."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.bar = None
-        self.task = None
-        self.last_line = (0.0, -1)
-        self.last: BatchReport | None = None  # for the summary: where the time went
-
-    def __enter__(self) -> _Progress:
-        if self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("attack"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"),
-                                console=Console(stderr=True), transient=True)
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def __call__(self, report: BatchReport) -> None:
-        self.last = report
-        rate = f"{report.images_per_s:,.0f} img/s"
-        # The last entry is the worst case (or the only attack) at the largest eps: the number to watch.
-        acc = "  ".join(f"robust {k} {v:.1%}" for k, v in list(report.running.items())[-1:])
-        if self.bar is not None:
-            if self.task is None:
-                self.task = self.bar.add_task("attack", total=report.total, rate=rate, acc=acc)
-            self.bar.update(self.task, completed=report.done, rate=rate, acc=acc)
-            return
-        now = time.monotonic()
-        tenth = int(10 * report.done / max(report.total, 1))
-        if tenth != self.last_line[1] or now - self.last_line[0] > 30 or report.done == report.total:
-            print(f"attack: {report.done}/{report.total} images, {rate}, {acc}", file=sys.stderr, flush=True)
-            self.last_line = (now, tenth)
-
-
 def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -123,10 +77,11 @@ def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from robust_enc.runtime.distributed import is_main_process
+
     config = config_from_args(args)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-    with _Progress() as progress:
-        rows = evaluate(config, on_batch=progress if main_process else None)
-    if rows and main_process:
-        _show(rows, str(results_path(config)), progress.last)
+    last: dict[str, BatchReport] = {}  # the last batch's report says where the time went
+    rows = evaluate(config, on_batch=lambda report: last.update(report=report))
+    if rows and is_main_process():
+        _show(rows, str(results_path(config)), last.get("report"))
     return 0

@@ -19,12 +19,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default_dataset: str 
 def add_file_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Options for data sets read from image files (imagenet, folder:PATH): a list of images and the decode cache."""
     group = parser.add_argument_group("image files")
-    group.add_argument("--subset-list", default=None,
-                       help="file naming the images to evaluate, one file name per line, kept in its order "
-                            "(e.g. RobustBench's 5,000 ImageNet images); instead of --subset")
-    group.add_argument("--cache", default=None,
-                       help="folder for the decoded evaluation images (resize + centre crop, uint8, memory-mapped): "
-                            "built on first use, read by later runs")
+    group.add_argument("--subset-list", default=None, help="file naming the images to take, one per line, in its "
+                       "order, e.g. RobustBench's 5,000 ImageNet images (instead of --subset)")
+    group.add_argument("--cache", default=None, help="folder of the decoded evaluation images (resize, centre crop, "
+                       "uint8, memory-mapped): built on first use, read by later runs")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

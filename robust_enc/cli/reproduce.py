@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from robust_enc.reports.render import rich_table
-    from robust_enc.reports.tables import select_threats, threat_columns
-    from robust_enc.reproduce import is_main_process, load_preset, plan, reproduce, sanity_flags, sweep_plan
+    from robust_enc.reports.threats import select_threats, threat_columns
+    from robust_enc.reproduce import load_preset, plan, reproduce, sanity_flags, sweep_plan
+    from robust_enc.runtime.distributed import is_main_process
 
     preset = load_preset(args.preset)
     if args.seeds:

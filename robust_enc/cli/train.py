@@ -1,4 +1,4 @@
-"""``robust-enc train``: the command line onto ``TrainConfig``, with rich progress bars on a terminal.
+"""``robust-enc train``: the command line onto ``TrainConfig``; the loop reports to the progress display.
 
     robust-enc train --model resnet20 --dataset fashion-mnist --reg enc+cutmix+ls --epochs 3
     torchrun --nproc_per_node 8 -m robust_enc.cli train --model resnet50 --dataset imagenet --data-dir /data/in1k \\
@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
-import sys
-import time
 import typing
 from typing import Any
 
 from robust_enc.errors import UserError
-from robust_enc.train.loop import Progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from robust_enc.cli.common import add_data_arguments, add_device_argument
-    from robust_enc.train.loop import AMP_DTYPES, SCHEDULES, TrainConfig
+    from robust_enc.train.config import AMP_DTYPES, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     # None defaults throughout: only the options given override TrainConfig's defaults (one source of truth).
@@ -89,7 +84,7 @@ def _parse_set(items: list[str], hints: dict[str, Any]) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> Any:
     """TrainConfig from parsed arguments: given options, then --set overrides, all type-checked."""
     from robust_enc.config import replace_checked
-    from robust_enc.train.loop import TrainConfig
+    from robust_enc.train.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -99,59 +94,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return replace_checked(TrainConfig(), **{**given, **_parse_set(args.set, hints)})
 
 
-class RichProgress(Progress):
-    """Epoch and batch bars (images/s, ETA) on stderr, and one summary line per finished epoch."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.progress import Progress as Bars
-
-        self.console = Console(stderr=True)
-        self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                             TimeRemainingColumn(), console=self.console, transient=False)
-        self.images = 0
-
-    def start(self, *, run_id: str, first_epoch: int, epochs: int, batches: int) -> None:
-        self.bars.start()
-        self.epoch_task = self.bars.add_task(f"[bold]{run_id}[/bold] epochs", total=epochs, completed=first_epoch,
-                                             info="")
-        self.batch_task = self.bars.add_task("batches", total=batches, info="")
-
-    def start_epoch(self, epoch: int, lr: float) -> None:
-        self.t0, self.images = time.perf_counter(), 0
-        self.bars.reset(self.batch_task, description=f"epoch {epoch + 1} (lr {lr:.3g})", info="")
-
-    def advance(self, images: int, loss: float) -> None:
-        self.images += images
-        rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
-        self.bars.update(self.batch_task, advance=1, info=f"loss {loss:.3f} {rate:,.0f} img/s")
-
-    def end_epoch(self, row: dict[str, Any]) -> None:
-        self.bars.update(self.epoch_task, advance=1,
-                         info=f"val top-1 {row['val_top1']:.2%} gbr {row['gbr']:.3g}")
-        self.console.print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} running top-1 "
-                           f"{row['train_top1_running']:.2%}, val top-1 {row['val_top1']:.2%}, "
-                           f"GBR {row['gbr']:.4g} ± {row['gbr_stderr']:.2g}, "
-                           f"sum ||W||² {row['weight_sq_norm']:.4g}, {row['wall_s']:.1f} s")
-
-    def finish(self) -> None:
-        self.bars.stop()
-
-
 def run(args: argparse.Namespace) -> int:
-    from robust_enc.train.loop import LogProgress, train
+    from robust_enc.runtime.distributed import is_main_process
+    from robust_enc.train.loop import train
 
-    config = config_from_args(args)
-    logging.getLogger("robust_enc.train").setLevel(logging.INFO)  # plain per-epoch lines when not on a terminal
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank (the process group is joined inside train)
-    progress = RichProgress() if sys.stderr.isatty() and main_rank else LogProgress()
-    try:
-        run_dir = train(config, progress=progress)
-    finally:
-        progress.finish()  # stop the live bars also when training fails
-    if main_rank:
+    run_dir = train(config_from_args(args))
+    if is_main_process():
         card = json.loads((run_dir / "model_card.json").read_text())
         print(f"{run_dir}: val top-1 {card['val_top1']}, GBR {card['gbr']}, checkpoint {card['checkpoint_hash']}")
     return 0

@@ -19,7 +19,6 @@ import functools
 import logging
 import math
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 from torch import nn
@@ -31,7 +30,6 @@ from robust_enc.models import WEIGHT_LAYERS, classifier_of
 
 logger = logging.getLogger(__name__)
 
-Variant = Literal["eq20", "eq21", "eq22", "eq23"]
 VARIANTS: tuple[str, ...] = ("eq20", "eq21", "eq22", "eq23")
 NORM_EPS = 1e-12  # guards the divisions by a norm; far below any trained weight's norm, so the invariant stays exact
 

@@ -82,17 +82,17 @@ def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, at
     """Read and merge the inputs and build the tables; ``attack`` / ``eps`` restrict the tables to that attack /
     those eps (floats or "k/255") and pick the leaderboard's threat; ``order`` gives Table 3's row order after the
     baseline (see ``tables.table3``); model-card and checkpoint links are relative to ``link_base``."""
-    from robust_enc.reports import tables
+    from robust_enc.reports import tables, threats
 
     eps_values = _normalize_eps(eps)
     data = load_inputs(inputs)
     frame = tables.results_frame(data.rows)
     full = tables.table3(frame, baseline=baseline, order=order)
-    shown = tables.select_threats(full, attack=attack, eps=eps_values)
+    shown = threats.select_threats(full, attack=attack, eps=eps_values)
     built = {"table3": shown,
              "leaderboard": tables.leaderboard(frame, runs_frame(data.runs, link_base), attack=attack, eps=eps_values),
              # Each trained model is a point (seeds too), so n and the p-values count models, not row means.
-             "correlation": tables.correlation(tables.select_threats(tables.replicates(frame), attack=attack,
+             "correlation": tables.correlation(threats.select_threats(tables.replicates(frame), attack=attack,
                                                                      eps=eps_values))}
     notes = [f"conflicting duplicate rows (kept the newest): {c.describe()}" for c in data.conflicts] + data.notes
     # What was left out of the inputs concerns every table: each JSON file carries it with the table's own notes.

@@ -105,6 +105,11 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def is_main_process() -> bool:
+    """``is_main`` also before the process group is joined: then the rank torchrun set (RANK) decides."""
+    return is_main() if is_distributed() else int(os.environ.get("RANK", "0")) == 0
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

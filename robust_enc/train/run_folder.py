@@ -25,7 +25,7 @@ from robust_enc.regularizers import bake_model, export_spec
 from robust_enc.runtime import distributed as D
 
 if TYPE_CHECKING:
-    from robust_enc.train.loop import TrainConfig
+    from robust_enc.train.config import TrainConfig
 
 NAN = float("nan")
 EXPORT_NAME = "exported.pt"  # the baked plain model, robust-enc checkpoint format
@@ -75,7 +75,7 @@ def _previous_run(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint |
     return "resume", ckpt
 
 
-def _decide_on_rank0(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint | None]:
+def decide_on_rank0(run_dir: Path, config: TrainConfig) -> tuple[str, Checkpoint | None]:
     """Rank 0 reads the folder; every rank learns the decision (or the same UserError, so none is left waiting).
     The checkpoint itself stays on rank 0."""
     decision, ckpt = ("fresh", ""), None

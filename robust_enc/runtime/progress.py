@@ -1,0 +1,150 @@
+"""Logging and the one progress display every stage reports to.
+
+A stage opens a ``task`` per unit of work it counts (the study's models, a run's epochs, an epoch's batches, an
+evaluation's images) and advances it; tasks opened inside another nest under it. Where the progress shows:
+
+- on a terminal, inside ``display()`` (the CLI opens it around every command), and only on rank 0: nested rich bars
+  on stderr (count, elapsed time, ETA and the task's own text, e.g. the loss or the running robust accuracy); log
+  records print above the bars;
+- otherwise (a pipe, a log file, library calls): a timestamped INFO line per running task every ``LINE_EVERY_S``
+  seconds; what a stage finishes (an epoch, an evaluation) it logs itself.
+
+``setup_logging`` gives every line a timestamp, keeps third-party loggers (ART, timm, matplotlib) at WARNING even with
+``-v``, and lets only rank 0 of a ``torchrun`` job log below WARNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LINE_EVERY_S = 30.0  # seconds between a running task's lines when there are no bars
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+_bars: Any = None  # the rich Progress while ``display()`` shows bars
+_open: list[Task] = []  # open tasks, outermost first: a new task nests under the last
+
+
+class _Handler(logging.Handler):
+    """Writes to the current ``sys.stderr`` (resolved per record), or above the bars while they show."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if _bars is not None:
+                _bars.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+        except Exception:  # a logging failure must not end the run (logging.Handler's own convention)
+            self.handleError(record)
+
+
+def setup_logging(*, verbose: bool = False, main_process: bool = True) -> None:
+    """robust-enc's loggers at INFO (DEBUG with ``verbose``) on rank 0, WARNING on the others; every other logger at
+    WARNING. Idempotent: a second call replaces the first's handler."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(handler)
+    handler = _Handler()
+    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    level = (logging.DEBUG if verbose else logging.INFO) if main_process else logging.WARNING
+    logging.getLogger("robust_enc").setLevel(level)
+
+
+@contextlib.contextmanager
+def display(*, show: bool) -> Iterator[None]:
+    """Nested bars for the block when ``show`` (the CLI passes: stderr is a terminal and this is rank 0)."""
+    global _bars
+    if not show or _bars is not None:
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    _bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                     console=Console(stderr=True), transient=True)
+    _bars.start()
+    try:
+        yield
+    finally:
+        _bars.stop()
+        _bars = None
+
+
+class Task:
+    """One counted unit of work: a bar while ``display`` shows, else a log line every ``LINE_EVERY_S`` seconds."""
+
+    def __init__(self, description: str, total: int, completed: int = 0) -> None:
+        self.description, self.total, self.completed, self.info = description, total, completed, ""
+        self.depth = len(_open)
+        self.started = self.last_line = time.monotonic()
+        self.done_before = completed  # resumed work: not counted in the rate
+        self._bar = None
+        if _bars is not None:
+            self._bar = _bars.add_task("  " * self.depth + description, total=total, completed=completed, info="")
+
+    def update(self, *, advance: int = 0, completed: int | None = None, info: str | None = None) -> None:
+        """Count ``advance`` more (or set ``completed``) and replace the task's text (``info``)."""
+        self.completed = completed if completed is not None else self.completed + advance
+        if info is not None:
+            self.info = info
+        if self._bar is not None and _bars is not None:
+            _bars.update(self._bar, completed=self.completed, info=self.info)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= LINE_EVERY_S:
+            self.last_line = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        """"<description>: done/total, rate, eta, info" for the log."""
+        elapsed = now - self.started
+        rate = (self.completed - self.done_before) / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {(self.total - self.completed) / rate:.0f} s" if rate > 0 and self.total else ""
+        info = f", {self.info}" if self.info else ""
+        return f"{self.description}: {self.completed}/{self.total}{eta}{info}"
+
+    def close(self) -> None:
+        if self._bar is not None and _bars is not None:
+            _bars.remove_task(self._bar)
+        self._bar = None
+
+
+@contextlib.contextmanager
+def task(description: str, total: int, *, completed: int = 0, show: bool = True) -> Iterator[Task]:
+    """A ``Task`` for the block, nested under the tasks already open; ``show=False`` (other ranks) counts silently."""
+    current = Task(description, total, completed) if show else _Silent(description, total, completed)
+    _open.append(current)
+    try:
+        yield current
+    finally:
+        _open.remove(current)
+        current.close()
+
+
+class _Silent(Task):
+    """A task that shows nothing (ranks other than 0)."""
+
+    def __init__(self, description: str, total: int, completed: int = 0) -> None:
+        self.description, self.total, self.completed, self.info, self._bar = description, total, completed, "", None
+
+    def update(self, *, advance: int = 0, completed: int | None = None, info: str | None = None) -> None:
+        self.completed = completed if completed is not None else self.completed + advance
