@@ -78,7 +78,8 @@ def test_weissi_at_zero_strength_is_the_baseline_without_weight_decay(digits_bat
 
 
 def _el2_by_hand(w: torch.Tensor, eps: float) -> float:
-    """sum over rows i of (n - 1) (sigma_i - eps)^2 + n mu_i^2 (ENC.md section 3), in float64."""
+    """sum over rows i of (n - 1) (sigma_i - eps)^2 + n mu_i^2 (the epsilon-shifted L2 of Li, Chen, Xia, Yang,
+    arXiv 1911.05920), in float64."""
     rows = w.detach().double().reshape(w.shape[0], -1)
     n = rows.shape[1]
     return float(((n - 1) * (rows.std(dim=1) - eps).square() + n * rows.mean(dim=1).square()).sum())

@@ -64,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_set(items: list[str], hints: dict[str, Any]) -> dict[str, Any]:
-    """KEY=VALUE pairs: the value is read as JSON (numbers, true/false, null) or else kept as a string."""
+    """KEY=VALUE pairs, each value read as its TrainConfig field's type (unknown keys go on to replace_checked, which
+    names the known ones)."""
+    from robust_enc.config import parse_value
+
     overrides = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -72,12 +75,9 @@ def _parse_set(items: list[str], hints: dict[str, Any]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"--set wants KEY=VALUE, got {item!r}")
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        if hints.get(key) in (str, str | None) and not isinstance(value, str) and value is not None:
-            value = text  # --set run_id=123 stays the string "123"
-        overrides[key] = value
+            overrides[key] = parse_value(text.strip(), hints[key]) if key in hints else text
+        except ValueError as err:
+            raise UserError(f"--set {key}={text!r} must be {err}") from None
     return overrides
 
 

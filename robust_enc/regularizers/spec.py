@@ -16,11 +16,12 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from robust_enc.config import parse_value
 from robust_enc.errors import UserError
 from robust_enc.registry import Registry
 
@@ -133,45 +134,6 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _parse_value(text: str, annotation: Any) -> Any:
-    """Parse ``text`` as ``annotation`` (bool, int, float, Literal[...] or a union of them); ValueError if it fails."""
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        if text in typing.get_args(annotation):
-            return text
-        choices = typing.get_args(annotation)
-        raise ValueError(str(choices[0]) if len(choices) == 1 else f"one of {', '.join(map(str, choices))}")
-    if origin is typing.Union or type(annotation).__name__ == "UnionType":
-        wanted = []
-        for member in typing.get_args(annotation):
-            try:
-                return _parse_value(text, member)
-            except ValueError as err:
-                wanted.append(str(err))
-        raise ValueError(" or ".join(wanted))
-    if annotation is bool:
-        lowered = text.lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("true or false")
-    if annotation is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError("an integer") from None
-    if annotation is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("a number") from None
-        if not math.isfinite(value):
-            raise ValueError("a finite number")
-        return value
-    raise TypeError(f"unsupported hyperparameter type {annotation!r}")
-
-
 def _parse_entry(part: str, spec: str) -> Regularizer:
     name, _, arg_text = part.partition(":")
     name = name.strip()
@@ -193,7 +155,7 @@ def _parse_entry(part: str, spec: str) -> Regularizer:
         if key in kwargs:
             raise UserError(f"regularizer {name}: setting {key!r} is given twice")
         try:
-            kwargs[key] = _parse_value(text, hints[key])
+            kwargs[key] = parse_value(text, hints[key])
         except ValueError as err:
             raise UserError(f"regularizer {name}: {key}={text!r} must be {err}") from None
     return cls(**kwargs)
