@@ -101,9 +101,9 @@ def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> 
     per-step work around it (ART's ``loss_gradient`` wrapper, sign, clip, projection, best-iterate bookkeeping), the
     suite's forward passes, the sanity checks and the suite's own bookkeeping (seconds).
 
-    The checks (``_Run._gradient_checks``: one clean gradient through ``fgsm_direction``, then one forward pass per
-    eps for the FGSM reference; ``predict_labels``: ART's predict on a few images) also run the model: their time is
-    taken out of the other parts."""
+    The checks (``Evaluation._gradient_checks``: one clean gradient through ``fgsm_direction``, then one forward pass
+    per eps for the FGSM reference; ``predict_labels``: ART's predict on a few images) also run the model: their time
+    is taken out of the other parts."""
     profile = cProfile.Profile()
     profile.enable()
     evaluate_model(model, data, info=info, attacks=("pgd",), eps=(EPS,), steps=10, device=device,
@@ -120,14 +120,14 @@ def overhead_profile(model: nn.Module, data, info: DatasetInfo, device: str) -> 
         return sum(edge[3] for k, v in stats.items() if k[2] == func and k[0].endswith(path)
                    for c, edge in v[4].items() if c[2] == caller)
 
-    total = cum("run_evaluation", "runner.py")
+    total = cum("run_evaluation", "attacks/evaluation.py")
     attack = cum("pgd", "art_adapter.py")
     compute = cum_from("loss_gradient", "classification/pytorch.py", "loss_gradient")  # ART's, from the adapter's
     check_gradient = cum_from("loss_gradient", "art_adapter.py", "fgsm_direction")
     pgd_compute = compute - check_gradient
     all_forward = cum("forward", "robust_enc/models.py")  # NormalizedModel.forward, every caller
     check_predict = cum("predict_labels", "art_adapter.py")
-    checks = cum("_gradient_checks", "runner.py") + check_predict
+    checks = cum("_gradient_checks", "attacks/counting.py") + check_predict
     art_forward = cum("forward", "classification/pytorch.py")  # ART's model wrapper: every loss_gradient/predict
     suite_forward = all_forward - art_forward - (checks - check_gradient - check_predict)
     return [

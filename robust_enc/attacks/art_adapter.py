@@ -135,7 +135,7 @@ def fgsm_apply(x: torch.Tensor, step: torch.Tensor, eps: float, norm: str) -> to
 
 def random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """A uniform point of the linf ball, or of the l2 ball (Gaussian direction, radius eps * U^(1/d)), clipped to
-    [0, 1]; drawn from torch's RNG on x's device (the runner seeds it per batch, attack and eps)."""
+    [0, 1]; drawn from torch's RNG on x's device (the evaluation seeds it per batch, attack and eps)."""
     if norm == "linf":
         noise = torch.empty_like(x).uniform_(-eps, eps)
     else:

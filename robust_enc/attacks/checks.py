@@ -1,6 +1,6 @@
 """Sanity checks every attack run makes on its own results (after AutoAttack's ``checks.py`` and ``flags_doc.md``).
 
-A failed check becomes a short flag in the row's ``flags`` field (';'-separated); the runner logs one line per run
+A failed check becomes a short flag in the row's ``flags`` field (';'-separated); the evaluation logs one line per run
 and the command line ends with one panel of every flag. The checks:
 
 - ``perturbation_exceeds_eps``: the largest perturbation (L-inf: max |x_adv - x|; L2: max per-example norm) is
@@ -16,12 +16,13 @@ and the command line ends with one panel of every flag. The checks:
 The three comparisons between attacks (or eps) are made per example, not on the totals, with an exact one-sided
 McNemar test: of the examples where the two disagree, the supposedly weaker side broke b and the stronger side c;
 the flag fires when P(X >= b) < 0.01 for X ~ Binomial(b + c, 1/2), so a one- or two-image difference (random starts,
-ties) never fires, while a systematic one does (b >= 7 with c = 0). The per-example counts come from the runner.
+ties) never fires, while a systematic one does (b >= 7 with c = 0). The per-example counts come from the evaluation
+(``counting``).
 
 - ``accuracy_increases_with_eps``: an attack broke significantly more examples at the previous eps than at this one.
 - ``iterative_weaker_than_fgsm``: one FGSM step broke significantly more examples than PGD/APGD/AutoAttack at the
   same eps: the iterative attack is misconfigured (step size, steps) or the gradients are obfuscated. Without an
-  ``fgsm`` row the runner computes an FGSM reference from the per-batch gradient below.
+  ``fgsm`` row the evaluation computes an FGSM reference from the per-batch gradient below.
 - ``black_box_stronger_than_white_box``: the score-based square attack broke significantly more examples than the
   per-example worst case of the iterative gradient attacks (PGD/APGD/AutoAttack) run at the same eps: the white-box
   gradients are probably masked (Athalye et al. 2018). One FGSM step is no yardstick here: a 1,000-query square
