@@ -75,8 +75,8 @@ class Evaluation:
 
     def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] top-1 and top-k hits (top-1 twice when top-5 is not reported)."""
-        hits = top_k_hits(logits, y, self.topk or 1)
-        return hits[:, 0], hits.any(1)
+        top1 = logits.argmax(1) == y
+        return top1, top_k_hits(logits, y, self.topk).any(1) if self.topk else top1
 
     def count_batch(self, x_cpu: torch.Tensor, y_cpu: torch.Tensor) -> None:
         """Count one batch: x [B, C, H, W] float32 in [0, 1] (or uint8, turned into those floats on the device by
