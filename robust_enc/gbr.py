@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -47,6 +47,8 @@ from robust_enc.errors import UserError
 from robust_enc.models import frozen
 from robust_enc.registry import Registry
 from robust_enc.runtime.device import strict_fp32
+from robust_enc.runtime.distributed import is_main_process
+from robust_enc.runtime.progress import task
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +301,11 @@ def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     parts: list[PerExample] = []
     try:
         model.to(device)
-        with frozen(model, train_mode=train_mode), strict_fp32():  # TF32 would move GBR (runtime.device)
+        total = len(batches) if isinstance(batches, Sized) else 0
+        with frozen(model, train_mode=train_mode), strict_fp32(), \
+                task(f"gbr ({output})", total, show=is_main_process()) as bar:  # TF32 would move GBR: strict fp32
             for j, (x, y) in enumerate(batches):
+                bar.update(advance=1)
                 if len(x) == 0:  # a batch whose images were all unreadable
                     continue
                 if train_mode and len(x) == 1:  # train-mode BN needs batch statistics of two or more examples
