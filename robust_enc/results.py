@@ -69,8 +69,8 @@ def parse_eps_value(item: str | float, norm: str = "linf") -> float:
         if not (math.isfinite(value) and value >= 0.0):
             raise UserError(f"L2 eps {item} = {value:g} must be a finite number >= 0 (pixel units, e.g. 0.5)")
     elif not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise UserError(f"eps {item} = {value:g} is outside [0, 1]: eps is in pixel units of images in [0, 1] "
-                        "(use 8/255, not 8)")
+        raise UserError(f"eps {item} = {value:g} is outside [0, 1]: eps is in pixel units of images in [0, 1]; "
+                        "write e.g. 8/255, not 8")
     return value
 
 

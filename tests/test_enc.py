@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from robust_enc.checkpoint import load_state_strict
-from robust_enc.models import MODELS, ModelSpec, build_network, classifier_of
+from robust_enc.models import MODELS, WEIGHT_LAYERS, ModelSpec, build_network, classifier_of
 from robust_enc.regularizers import enc, export_spec, prepare_model
 from robust_enc.train.recipe import build_recipe
 
@@ -37,7 +37,7 @@ def _network(name: str) -> nn.Module:
 
 
 def _layer_count(model: nn.Module) -> int:
-    return sum(isinstance(m, enc.LAYER_TYPES) for m in model.modules())
+    return sum(isinstance(m, WEIGHT_LAYERS) for m in model.modules())
 
 
 @pytest.fixture
@@ -281,7 +281,7 @@ def test_float32_keeps_alpha_on_the_largest_layer_of_the_zoo():
     for arch in ARCHS:
         with torch.device("meta"):  # shapes only: no memory, no init cost
             net = build_network(_spec(arch))
-        shapes += [tuple(m.weight.shape) for m in net.modules() if isinstance(m, enc.LAYER_TYPES)]
+        shapes += [tuple(m.weight.shape) for m in net.modules() if isinstance(m, WEIGHT_LAYERS)]
     shape = max(shapes, key=math.prod)
     assert math.prod(shape) > 4_000_000  # wide_resnet50_2's 1024x1024x3x3 convolutions
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from robust_enc.data import build_dataset
 from robust_enc.errors import UserError
-from robust_enc.models import ModelSpec, build_network
+from robust_enc.models import WEIGHT_LAYERS, ModelSpec, build_network
 from robust_enc.regularizers import REGULARIZERS, canonical_spec, enc, export_spec, parse_spec, prepare_model, run_name
 from robust_enc.train.recipe import build_recipe
 
@@ -105,7 +105,7 @@ def test_penalties_add_their_terms(digits_batch):
     _, base = _step("baseline", x, y, info)
     model = _model(info)
     coef = 1e-3
-    l1 = coef * sum(float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, enc.LAYER_TYPES))
+    l1 = coef * sum(float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, WEIGHT_LAYERS))
     _, result = _step(f"l1:coef={coef}", x, y, info)
     assert result.loss == pytest.approx(base.loss + l1, rel=1e-5)
     gammas = 0.5 * coef * sum(float(m.weight.detach().pow(2).sum()) for m in model.modules()
@@ -113,7 +113,7 @@ def test_penalties_add_their_terms(digits_batch):
     _, result = _step(f"gammadecay:coef={coef}", x, y, info)
     assert result.loss == pytest.approx(base.loss + gammas, rel=1e-5)
     lambda1, lambda2 = 1e-2, 1e-3  # WEISSI: lambda1 sum log ||W_l|| + lambda2 sum || W_l / ||W_l|| ||_1
-    weights = [m.weight.detach().double() for m in model.modules() if isinstance(m, enc.LAYER_TYPES)]
+    weights = [m.weight.detach().double() for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     weissi = sum(lambda1 * math.log(float(w.norm())) + lambda2 * float((w / w.norm()).abs().sum()) for w in weights)
     _, result = _step(f"weissi:lambda1={lambda1},lambda2={lambda2}", x, y, info)
     assert result.loss == pytest.approx(base.loss + weissi, rel=1e-5)
@@ -197,7 +197,7 @@ def test_weissi_weights_get_no_plain_decay(digits_batch):
         model = _model(info, spec)
         groups = build_recipe(spec, num_classes=10, batch_size=8, weight_decay=WD).param_groups(model)
         assert [g["name"] for g in groups] == ["no_decay"]  # nothing left to decay (BN and biases never are)
-        raw = {id(enc.raw_weight(m)) for m in model.modules() if isinstance(m, enc.LAYER_TYPES)}
+        raw = {id(enc.raw_weight(m)) for m in model.modules() if isinstance(m, WEIGHT_LAYERS)}
         assert len(raw) == 10 and raw <= {id(p) for p in groups[0]["params"]}  # 9 convs + the classifier
 
 

@@ -7,10 +7,12 @@ evaluation's images) and advances it; tasks opened inside another nest under it.
   on stderr (count, elapsed time, ETA and the task's own text, e.g. the loss or the running robust accuracy); log
   records print above the bars;
 - otherwise (a pipe, a log file, library calls): a timestamped INFO line per running task every ``LINE_EVERY_S``
-  seconds; what a stage finishes (an epoch, an evaluation) it logs itself.
+  seconds. What a stage finishes (an epoch's metrics, an evaluation's time split) it logs at INFO itself: shown with
+  ``-v``.
 
-``setup_logging`` gives every line a timestamp, keeps third-party loggers (ART, timm, matplotlib) at WARNING even with
-``-v``, and lets only rank 0 of a ``torchrun`` job log below WARNING.
+``setup_logging`` gives every line a timestamp, shows these progress lines and robust-enc's warnings (its INFO lines
+with ``-v``), keeps third-party loggers (ART, timm, matplotlib) at WARNING even with ``-v``, and lets only rank 0 of a
+``torchrun`` job log below WARNING.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LINE_EVERY_S = 30.0  # seconds between a running task's lines when there are no bars
+LINE_EVERY_S = 60.0  # seconds between a running task's lines when there are no bars
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -48,8 +50,8 @@ class _Handler(logging.Handler):
 
 
 def setup_logging(*, verbose: bool = False, main_process: bool = True) -> None:
-    """robust-enc's loggers at INFO (DEBUG with ``verbose``) on rank 0, WARNING on the others; every other logger at
-    WARNING. Idempotent: a second call replaces the first's handler."""
+    """On rank 0 the progress lines at INFO and robust-enc's other loggers at WARNING (INFO with ``verbose``); WARNING
+    on the other ranks and for every other logger. Idempotent: a second call replaces the first's handler."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(handler)
@@ -57,8 +59,8 @@ def setup_logging(*, verbose: bool = False, main_process: bool = True) -> None:
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    level = (logging.DEBUG if verbose else logging.INFO) if main_process else logging.WARNING
-    logging.getLogger("robust_enc").setLevel(level)
+    logging.getLogger("robust_enc").setLevel(logging.INFO if verbose and main_process else logging.WARNING)
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
 
 
 @contextlib.contextmanager
