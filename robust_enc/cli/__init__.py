@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robust-enc", description=robust_enc.__doc__)
     parser.add_argument("--version", action="version", version=f"robust-enc {robust_enc.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="robust-enc's INFO lines too (epoch metrics, time splits, files written)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="robust-enc's INFO lines too (epoch metrics, time splits, files written)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

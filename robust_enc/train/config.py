@@ -21,7 +21,7 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat1
 DATASET_SHORT = {"fashion-mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "imagenet": "in1k"}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. Defaults follow the paper's ImageNet recipe (section 4) except the model and data set."""
 
