@@ -51,14 +51,14 @@ class _Handler(logging.Handler):
 
 def setup_logging(*, verbose: bool = False, main_process: bool = True) -> None:
     """On rank 0 the progress lines at INFO and robust-enc's other loggers at WARNING (INFO with ``verbose``); WARNING
-    on the other ranks and for every other logger. Idempotent: a second call replaces the first's handler."""
+    on the other ranks and for every other logger. Like ``logging.basicConfig``, the handler is added only where the
+    application has none on the root logger yet (a program that configured logging, or pytest, keeps its own)."""
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
-        root.removeHandler(handler)
-    handler = _Handler()
-    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    if not root.handlers:
+        handler = _Handler()
+        handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
     logging.getLogger("robust_enc").setLevel(logging.INFO if verbose and main_process else logging.WARNING)
     log.setLevel(logging.INFO if main_process else logging.WARNING)
 
