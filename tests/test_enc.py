@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from robust_enc.checkpoint import load_state_strict
 from robust_enc.models import MODELS, WEIGHT_LAYERS, ModelSpec, build_network, classifier_of
-from robust_enc.regularizers import enc, export_spec, prepare_model
+from robust_enc.regularizers import enc, export_spec, prepare_model, rownorm
 from robust_enc.train.recipe import build_recipe
 
 # Every model registry name (as test_foundation's ZOO) plus a timm model with depthwise convolutions, each built at its
@@ -238,7 +238,7 @@ def _parametrizations() -> list[nn.Module]:
     return [enc.ENCWeight(v, a) for v in enc.VARIANTS for a in (0.7, None)] + [enc.WSWeight(1e-5)]
 
 
-def _normalize(p: nn.Module, flat: torch.Tensor, fn=enc.normalize_rows):
+def _normalize(p: nn.Module, flat: torch.Tensor, fn=rownorm.normalize_rows):
     """Call ``fn`` (fused or plain) the way ``p.forward`` does."""
     if isinstance(p, enc.WSWeight):
         return fn(flat, p._scale, "row")
@@ -263,14 +263,14 @@ def test_fused_normalization_backward_is_autograds(p):
                 torch.randn(6, 1, dtype=torch.float64)]
     inputs = [flat, *p.parameters()]
     grads = {}
-    for name, fn in (("fused", enc.normalize_rows), ("plain", enc.normalize_rows_plain)):
+    for name, fn in (("fused", rownorm.normalize_rows), ("plain", rownorm.normalize_rows_plain)):
         outputs = _normalize(p, flat, fn)
         grads[name] = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outputs, upstream)), inputs)
         if name == "fused":
             fused_out = [o.detach() for o in outputs]
     for got, want in zip(grads["fused"], grads["plain"]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    for got, want in zip(fused_out, _normalize(p, flat, enc.normalize_rows_plain)):
+    for got, want in zip(fused_out, _normalize(p, flat, rownorm.normalize_rows_plain)):
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
 
 
@@ -405,4 +405,4 @@ def test_step_batch_gives_the_per_layer_weights_and_gradients(spec):
                (torch.randn(2, 5, dtype=torch.float64) * 0.3 - 0.1).requires_grad_()]
     n = torch.tensor([[4.0]] * 3 + [[5.0]] * 2, dtype=torch.float64)
     gain = torch.tensor([[math.sqrt(0.7 / 3)]] * 3 + [[math.sqrt(0.7 / 2)]] * 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *w: enc._BatchedRowNormalize.apply(key, (n, gain), *w), weights)
+    assert torch.autograd.gradcheck(lambda *w: rownorm.BatchedRowNormalize.apply(key, (n, gain), *w), weights)
