@@ -152,7 +152,8 @@ def test_cli_end_to_end_writes_the_run_folder_and_an_equivalent_export(tmp_path,
             "--out-dir", str(tmp_path), "--export", "--set", "weight_decay=5e-4", "--set", "lr=0.05"]
     assert main(argv) == 0
     run_dir = tmp_path / "resnet_tiny-digits-enc+ls-s0-n64"
-    assert str(run_dir) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(run_dir) in printed
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "checkpoint.pt", "metrics.csv", "model_card.json",
                                                   "exported.pt", "exported.ts"}
     config = json.loads((run_dir / "config.json").read_text())
@@ -170,6 +171,8 @@ def test_cli_end_to_end_writes_the_run_folder_and_an_equivalent_export(tmp_path,
     assert all(0 <= float(r["train_top1_running"]) <= 1 for r in rows)
     assert last["val_top5"] == ""  # 10 classes: top-5 is NaN, written as an empty cell
     assert float(last["gbr"]) > 0 and float(last["gbr_stderr"]) >= 0 and int(last["samples_seen"]) == 64
+    # The closing line gives the last epoch's numbers readably: top-1 in percent, GBR to 4 digits.
+    assert f"val top-1 {100 * float(last['val_top1']):.2f}%, GBR {float(last['gbr']):.4g}," in printed
     # ENC (eq. 22, alpha 1): every constrained layer has ||W||_F^2 = 1, so the sum is the number of layers.
     norms = [float(last[c]) for c in columns if c.startswith("norm:")]
     assert norms == pytest.approx([1.0] * len(norms), rel=1e-5)

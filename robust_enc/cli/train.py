@@ -101,5 +101,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = train(config_from_args(args))
     if is_main_process():
         card = json.loads((run_dir / "model_card.json").read_text())
-        print(f"{run_dir}: val top-1 {card['val_top1']}, GBR {card['gbr']}, checkpoint {card['checkpoint_hash']}")
+        top1, gbr = card.get("val_top1"), card.get("gbr")
+        top1_text = f"{100 * top1:.2f}%" if isinstance(top1, (int, float)) else "not measured"
+        gbr_text = f"{gbr:.4g}" if isinstance(gbr, (int, float)) else "not measured"
+        print(f"{run_dir}: val top-1 {top1_text}, GBR {gbr_text}, checkpoint {card['checkpoint_hash']}")
     return 0
