@@ -15,8 +15,11 @@ torch PGD.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,8 +62,84 @@ class RecordingCrossEntropy(nn.CrossEntropyLoss):
         return super().forward(input, target)
 
 
-def build_classifier(model: nn.Module, *, num_classes: int, input_shape: Sequence[int], device: torch.device):
-    """A ``PyTorchClassifier`` on ``device`` with cross-entropy loss and clip values (0, 1).
+class RowMemo:
+    """The logits of recently seen input rows, keyed by a 128-bit BLAKE2b digest of each row's float32 bytes (a
+    collision among the rows of one attack call is out of the question; a 64-bit hash would not be).
+
+    Why: ART's SquareAttack asks, per query, for the predictions of every image (N rows), the loss of the robust ones
+    again (R rows it already evaluated) and the loss of the R candidates: N + 2R forward rows where only the R
+    candidates (fewer: a candidate that the box or the ball clips back onto the current image is no new input) are
+    new. Each query's current images are rows of the previous query's two calls on N and R rows, so an LRU of twice
+    the largest call keeps every row asked for again: memory stays O(batch x classes), and ``generate`` empties the
+    memo after each attack call."""
+
+    def __init__(self) -> None:
+        self.logits: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.capacity = 0
+        self.row_shape: tuple[int, ...] | None = None
+
+    def clear(self) -> None:
+        self.logits.clear()
+        self.capacity, self.row_shape = 0, None
+
+    def predict(self, x: np.ndarray, forward: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """[B, ...] rows -> [B, K] logits: the memo's for rows seen before, ``forward`` (rows -> logits) on the rest,
+        each distinct new row once."""
+        x = np.ascontiguousarray(x, dtype=np.float32)  # the bytes hashed are the float32 values the model sees
+        if x.shape[1:] != self.row_shape:
+            self.clear()
+            self.row_shape = x.shape[1:]
+        self.capacity = max(self.capacity, 2 * len(x))
+        keys = [hashlib.blake2b(row, digest_size=16).digest() for row in x]
+        new: dict[bytes, int] = {}  # digest -> first row holding it
+        for i, key in enumerate(keys):
+            if key in self.logits:
+                self.logits.move_to_end(key)
+            elif key not in new:
+                new[key] = i
+        if new:
+            self.logits.update(zip(new, forward(x[list(new.values())])))
+        out = np.stack([self.logits[key] for key in keys])
+        while len(self.logits) > self.capacity:
+            self.logits.popitem(last=False)
+        return out
+
+
+@functools.cache
+def _memo_classifier_type() -> type:
+    """``PyTorchClassifier`` whose ``predict`` answers from a ``RowMemo`` (built on first use: ART is imported
+    lazily)."""
+    from art.estimators.classification import PyTorchClassifier
+
+    class MemoClassifier(PyTorchClassifier):
+        """ART's classifier with a lean, memoized ``predict``: rows seen during the current attack call come from the
+        memo, new rows take one ``torch.no_grad()`` forward pass in batches on the estimator's device (ART's own
+        ``predict`` also sets eval mode over every module and builds a DataLoader on each call)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.memo = RowMemo()
+
+        def predict(self, x: np.ndarray, batch_size: int = 128, training_mode: bool = False, **kwargs) -> np.ndarray:
+            if training_mode or not len(x):
+                return super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+            if not self.memo.logits:  # once per attack call, where ART walks every module on every call
+                self.model.eval()
+            return self.memo.predict(x, functools.partial(self._forward, batch_size=batch_size))
+
+        def _forward(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+            x_all = torch.from_numpy(x)
+            with torch.no_grad():
+                return np.concatenate([self.model(x_all[i:i + batch_size].to(self.device)).cpu().numpy()
+                                       for i in range(0, len(x), batch_size)]).astype(np.float32, copy=False)
+
+    return MemoClassifier
+
+
+def build_classifier(model: nn.Module, *, num_classes: int, input_shape: Sequence[int], device: torch.device,
+                     memo: bool = False):
+    """A ``PyTorchClassifier`` on ``device`` with cross-entropy loss and clip values (0, 1); ``memo``: one whose
+    ``predict`` is memoized per attack call (``RowMemo``), for attacks that ask for the same rows again (Square).
 
     ``preprocessing=None``: ART's default (0, 1) standardisation is an identity that copies every input.
     ART only knows "cpu" or "gpu" (= ``torch.cuda.current_device()``): a specific GPU is selected by making it the
@@ -70,9 +149,15 @@ def build_classifier(model: nn.Module, *, num_classes: int, input_shape: Sequenc
     device = torch.device(device)
     context = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with context:
-        return PyTorchClassifier(model=model, loss=RecordingCrossEntropy(), input_shape=tuple(input_shape),
-                                 nb_classes=num_classes, clip_values=CLIP_VALUES, preprocessing=None,
-                                 device_type="gpu" if device.type == "cuda" else "cpu")
+        return (_memo_classifier_type() if memo else PyTorchClassifier)(
+            model=model, loss=RecordingCrossEntropy(), input_shape=tuple(input_shape), nb_classes=num_classes,
+            clip_values=CLIP_VALUES, preprocessing=None, device_type="gpu" if device.type == "cuda" else "cpu")
+
+
+def memo_classifier(classifier):
+    """``build_classifier(memo=True)`` on ``classifier``'s model, classes, input shape and device."""
+    return build_classifier(classifier.model, num_classes=classifier.nb_classes, input_shape=classifier.input_shape,
+                            device=classifier.device, memo=True)
 
 
 def predict_labels(classifier, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -213,13 +298,18 @@ def square(classifier, *, eps: float, norm: str, steps: int, restarts: int, batc
     0.8 as in AutoAttack's standard version."""
     from art.attacks.evasion import SquareAttack
 
-    return SquareAttack(classifier, norm=art_norm(norm), max_iter=steps, eps=eps, p_init=0.8, nb_restarts=restarts,
-                        batch_size=batch_size, verbose=False)
+    return SquareAttack(memo_classifier(classifier), norm=art_norm(norm), max_iter=steps, eps=eps, p_init=0.8,
+                        nb_restarts=restarts, batch_size=batch_size, verbose=False)
 
 
 def generate(attack, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``attack.generate`` on device tensors x [B, C, H, W], labels y [B] (the true labels, or the targets of a
     targeted attack): through numpy float32 and one-hot, as ART wants; the result back on x's device."""
     x_np = to_numpy_images(x)
-    x_adv = np.asarray(attack.generate(x=x_np, y=one_hot(y, num_classes)), dtype=np.float32)
+    try:
+        x_adv = np.asarray(attack.generate(x=x_np, y=one_hot(y, num_classes)), dtype=np.float32)
+    finally:  # a memo lives for one attack call: nothing carries over to the next batch, eps or model
+        memo = getattr(attack.estimator, "memo", None)
+        if memo is not None:
+            memo.clear()
     return torch.from_numpy(x_adv).to(x.device)
