@@ -9,7 +9,8 @@ max_iter, eps and verbose are always given; parameters are frozen during attacks
 Only ART's public API is used (a minor release may rename private functions): the estimator's ``loss_gradient`` and
 ``predict``, the attacks' ``generate``. FGSM and PGD step on the torch device from ``loss_gradient`` on torch tensors
 (no numpy round trip per step); ``test_attacks`` proves them equal to ART's FastGradientMethod and to a hand-written
-torch PGD.
+torch PGD. Square runs on a ``PyTorchClassifier`` subclass whose ``predict`` memoizes rows (``RowMemo``): ART's loop
+asks for most rows two or three times; ``test_square_memo`` proves the same logits and adversarial images as ART's.
 """
 
 from __future__ import annotations
