@@ -162,6 +162,28 @@ def test_several_step_counts_get_separate_columns_and_the_leaderboard_takes_the_
     assert board["adv_top1"].tolist() == sorted((p[3] / 3 for p in PAPER), reverse=True)
 
 
+def test_a_threat_evaluated_on_fewer_images_than_the_clean_pass_says_how_many_in_its_header():
+    # The Fashion-MNIST preset: FGSM and the clean pass on 1,000 images, AutoAttack on 500 (8/255) and 100 (2/255),
+    # each evaluation with its own clean row of its own size; ENC's AutoAttack 2/255 is missing on one seed.
+    rows = []
+    for seed in (0, 1):
+        for run_id, reg, clean, fgsm8, _ in PAPER[:2]:
+            rid = f"{run_id}-s{seed}"
+            rows += [_row(rid, reg, clean=clean), _row(rid, reg, "fgsm", 8 / 255, clean=clean, adv=fgsm8),
+                     _row(rid, reg, clean=clean, n=500), _row(rid, reg, "autoattack", 8 / 255, clean=clean, n=500,
+                                                                adv=fgsm8 / 4)]
+            if not (reg == "enc" and seed == 1):
+                rows += [_row(rid, reg, clean=clean, n=100),
+                         _row(rid, reg, "autoattack", 2 / 255, clean=clean, adv=fgsm8 / 2, n=100)]
+    table = tables.table3(tables.results_frame(rows))
+    assert table["n_clean"].tolist() == [1000, 1000]
+    assert table[f"n:{tables.Threat('autoattack', 'linf', 2 / 255).column}"].tolist() == [100, 100]
+    headers = [h.strip() for h in render_table(table, "table3", "md").splitlines()[0].split("|")]
+    assert [h for h in headers if "top-1" in h or "L∞" in h] == [
+        "Clean top-1 (%)", "FGSM L∞ 8/255 (%)", "AutoAttack L∞ 2/255 (%, 100 images)",
+        "AutoAttack L∞ 8/255 (%, 500 images)"]
+
+
 def test_one_run_id_on_two_data_sets_gives_two_labelled_rows_with_their_own_baselines():
     rows = [_row(run_id, reg, attack, eps, clean=clean, adv=adv, dataset=dataset)
             for dataset in ("digits", "fashion-mnist")

@@ -35,9 +35,9 @@ def test_shipped_presets_load_and_plan(tmp_path, name):
     preset = load_preset(name)
     assert "baseline" in preset.rows and "enc" in preset.rows
     pairs = plan(preset, tmp_path)  # validates every spec and setting, touches no data
-    # FGSM/PGD sweep on every row, then AutoAttack at one eps on every row or on the rows its section names
-    autoattack_rows = preset.attack[1].get("rows", preset.rows)
-    assert len(pairs) == (len(preset.rows) + len(autoattack_rows)) * len(preset.seeds)
+    # FGSM/PGD sweep on every row, then AutoAttack sections (on every row or on the rows a section names)
+    autoattack_rows = sum(len(section.get("rows", preset.rows)) for section in preset.attack[1:])
+    assert len(pairs) == (len(preset.rows) + autoattack_rows) * len(preset.seeds)
     assert "fgsm" in pairs[0][1].attacks and pairs[1][1].attacks == ("autoattack",)
     assert [a.gbr for _, a in pairs[:2]] == [True, False]  # GBR measured once per model
     sweep = sweep_plan(preset, tmp_path)

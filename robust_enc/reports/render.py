@@ -161,7 +161,7 @@ def view_table3(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
                 zip(table[name], get(f"{name}{spread}"), get(f"{name}:delta"), get(f"{name}:delta_ci"), own)]
 
     for name, header in [("clean_top1", "Clean top-1 (%)")] + [
-            (c, f"{threat_label(*t)} (%)") for c, t in threat_columns(table)]:
+            (c, f"{threat_label(*t)} (%{_fewer_images(table, c)})") for c, t in threat_columns(table)]:
         out[header] = cells(name)
     # Error bar of GBR: over seeds when there are several, else the estimator's standard error.
     out["GBR"] = [_cell(g, s if not _missing(s) else e, fmt=format_number)
@@ -172,6 +172,17 @@ def view_table3(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     out[WEIGHT_NORM] = [_cell(w, s, fmt=format_number)
                         for w, s in zip(table["weight_sq_norm"], get("weight_sq_norm:std"))]
     return out.reset_index(drop=True)
+
+
+def _fewer_images(table: pd.DataFrame, column: str) -> str:
+    """", 100 images" when every row evaluated the threat on fewer images than its clean pass (AutoAttack on a
+    subset), else "": the header says the column's accuracies are over another, smaller set."""
+    if f"n:{column}" not in table or "n_clean" not in table:
+        return ""
+    counts = table[f"n:{column}"].dropna().astype(int)
+    if len(counts) and (counts < table.loc[counts.index, "n_clean"]).all():
+        return f", {counts.max():,} images" if counts.nunique() == 1 else f", {counts.min():,}-{counts.max():,} images"
+    return ""
 
 
 @VIEWS.register("leaderboard", help="models ranked by adversarial top-1 at one threat")

@@ -168,7 +168,8 @@ def _order_position(group: pd.Series, order: Sequence[str]) -> int:
 def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[str] = ()) -> pd.DataFrame:
     """The paper's Table 3 view: one row per model + regularizer + data set (its runs are seeds: mean, ``:std`` and
     ``n_seeds``), clean top-1, adversarial top-1 per threat, differences to the baseline row (``:delta``), GBR with
-    its error bar and the summed squared weight norms. Fractions throughout.
+    its error bar and the summed squared weight norms. Fractions throughout. ``n_clean`` and ``n:<column>`` are the
+    image counts (largest over seeds) of the clean pass and of each threat.
 
     Row order per data set: the baseline, then the rows ``order`` names (regularizer specs in any form, run ids or
     labels; e.g. a preset's rows, the paper's order), then the rest sorted by label."""
@@ -190,6 +191,9 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
             record[f"{name}:std"] = float(column.std(ddof=1)) if column.count() > 1 else math.nan
             record[f"{name}:ci"] = _t_half_width(column)
         record["gbr_stderr"] = float(rows["gbr_stderr"].astype(float).mean())  # one seed: the estimator's error bar
+        # Image counts: a threat evaluated on a smaller subset than the clean pass (AutoAttack on CPU) says so.
+        record["n_clean"] = int(rows["n_clean"].max())
+        record.update({f"n:{c}": int(rows[f"n:{c}"].max()) for c in threats if rows[f"n:{c}"].notna().any()})
         records.append(record)
         seed_values.append({name: rows[name].astype(float).dropna().to_numpy() for name in values})
     if not records:
@@ -216,7 +220,7 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
     groups = groups.sort_values(["dataset", "is_baseline", "_order", "label"], ascending=[True, False, True, True],
                                 kind="stable")
     several_seeds = bool((groups["n_seeds"] > 1).any())
-    columns = ["label", *GROUP, "n_seeds", "run_ids", "checkpoint_hashes", "is_baseline", "baseline"]
+    columns = ["label", *GROUP, "n_seeds", "run_ids", "checkpoint_hashes", "is_baseline", "baseline", "n_clean"]
     for name in values:
         columns.append(name)
         if several_seeds:
@@ -227,6 +231,7 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
                 columns.append(f"{name}:delta_ci")
         if name == "gbr":
             columns.append("gbr_stderr")
+    columns += [f"n:{c}" for c in threats if f"n:{c}" in groups]
     for note in notes:
         log.warning(note)
     return with_notes(groups[columns].reset_index(drop=True), notes)
