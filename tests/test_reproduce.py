@@ -150,16 +150,17 @@ def test_weight_decay_sweep_trains_each_lambda_and_plots_gbr_beside_enc(tmp_path
               "sweep": {"weight_decay": [0, 0.01], "row": "baseline", "against": "enc"}}
     preset_file = tmp_path / "sweep.json"
     preset_file.write_text(json.dumps(preset))
-    drawn = {}
+    drawn = []  # the legend of each GBR-over-epochs plot (the report draws one for all runs, the sweep its own)
     draw = plots.plot_gbr_over_epochs
-    monkeypatch.setattr(plots, "plot_gbr_over_epochs", lambda h, path, **kw: drawn.update(h) or draw(h, path, **kw))
+    monkeypatch.setattr(plots, "plot_gbr_over_epochs",
+                        lambda h, path, **kw: drawn.append(list(h)) or draw(h, path, **kw))
     out = tmp_path / "study"
     assert main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu"]) == 0
     sweep = sorted(p.name for p in (out / "wd-sweep").iterdir())
     assert sweep == ["resnet_tiny-digits-baseline-wd0-s0", "resnet_tiny-digits-baseline-wd0.01-s0"]
     for name, wd in zip(sweep, (0.0, 0.01)):
         assert json.loads((out / "wd-sweep" / name / "config.json").read_text())["weight_decay"] == wd
-    assert {"baseline λ=0", "baseline λ=0.01", "baseline λ=0.0005", "enc"} <= set(drawn)
+    assert drawn[-1] == ["baseline λ=0", "baseline λ=0.0005", "baseline λ=0.01", "enc"]  # the legend's order
     assert (out / "report" / "plots" / "gbr_weight_decay.png").read_bytes()[:8] == PNG_SIGNATURE
     table3 = (out / "report" / "table3.md").read_text()
     assert "wd0" not in table3 and len(table3.strip().splitlines()) == 4  # header, rule, baseline, enc
