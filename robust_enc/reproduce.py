@@ -179,12 +179,12 @@ def plot_sweep(preset: Preset, sweep: list[Any], pairs: list[tuple[Any, Any]], p
 
     seed = preset.seeds[0]
     row, against = preset.sweep.get("row", "baseline"), preset.sweep.get("against", "enc")
-    wanted = {canonical_spec(row): f"{row} λ={float(preset.train.get('weight_decay', 0)):g}", canonical_spec(against):
-              against}
+    row_spec = canonical_spec(row)
+    wanted = {row_spec: f"{row} λ={float(preset.train.get('weight_decay', 0)):g}", canonical_spec(against): against}
     runs = [(f"{row} λ={c.weight_decay:g}", c) for c in sweep]
     runs += [(wanted[t.regularizer], t) for t, _ in dict.fromkeys(pairs) if t.seed == seed and t.regularizer in wanted]
     # The legend in the paper's order: the row at increasing weight decay (the preset's own among them), then `against`.
-    runs.sort(key=lambda item: (item[1].regularizer != canonical_spec(row), item[1].weight_decay))
+    runs.sort(key=lambda item: (item[1].regularizer != row_spec, item[1].weight_decay))
     histories = {}
     for label, config in dict.fromkeys(runs):
         metrics = Path(config.out_dir) / config.run_id / "metrics.csv"
