@@ -489,6 +489,23 @@ def test_training_only_run_folders_give_empty_tables_and_the_gbr_curve(tmp_path)
     assert "Table 3 is empty" in index and "leaderboard is empty" in index
 
 
+def test_a_run_still_training_is_drawn_with_its_data_set_from_its_training_config(tmp_path):
+    """A run folder without a model card yet (config.json and metrics.csv only) belongs to its config's data set:
+    one GBR-over-epochs plot, not a second one for an "unknown" data set."""
+    for run_id, reg, *_, gbr in PAPER[:2]:
+        folder = _write_run(tmp_path / "runs" / run_id, run_id, reg, [], [gbr * 2, gbr])
+        (folder / "results.csv").unlink()
+    training = tmp_path / "runs" / PAPER[1][0]
+    (training / "model_card.json").unlink()
+    (training / "config.json").write_text(json.dumps({"model": "resnet50", "dataset": "imagenet", "epochs": 5}))
+    written = build_report([tmp_path / "runs"], tmp_path / "report")
+    assert {k for k in written if k.startswith("plots/")} == {"plots/gbr_epochs.png"}
+    (training / "config.json").write_text("{not json")  # unreadable: the curve is still drawn, under "unknown"
+    written = build_report([tmp_path / "runs"], tmp_path / "report2")
+    assert {k for k in written if k.startswith("plots/")} == {"plots/gbr_epochs_imagenet.png",
+                                                               "plots/gbr_epochs_unknown.png"}
+
+
 def test_single_model_report_has_clear_messages(tmp_path):
     rows = [r for r in _paper_rows() if r.run_id == "r50-enc"]
     write_results(tmp_path / "one.json", rows)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 RESULTS_FILES = ("results.csv", "results.json")
 METRICS_FILE = "metrics.csv"
 CARD_FILE = "model_card.json"
+CONFIG_FILE = "config.json"  # written when training starts: names the data set of a run still without a card
 RUN_FILES = (*RESULTS_FILES, METRICS_FILE, CARD_FILE)  # any of them makes a folder a run folder
 MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "adv_top5", "gbr")  # what must agree between duplicates
 FROM_CARD = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # filled into rows that lack them
@@ -37,6 +38,7 @@ class RunFolder:
     card: dict[str, Any] = field(default_factory=dict)
     card_path: Path | None = None
     metrics_path: Path | None = None
+    dataset: str = ""  # the card's, else the training config's (a run still training has no card yet)
 
 
 @dataclass
@@ -167,12 +169,22 @@ def _read_card(path: Path) -> dict[str, Any]:
     return card
 
 
+def _config_dataset(path: Path) -> str:
+    """The data set a training config names; "" when there is none or it cannot be read (it only labels plots)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    return str(config.get("dataset") or "") if isinstance(config, dict) else ""
+
+
 def _read_run_folder(folder: Path) -> tuple[RunFolder, list[ResultRow], list[Path]]:
     card_path = folder / CARD_FILE
     card = _read_card(card_path) if card_path.is_file() else {}
     metrics = folder / METRICS_FILE
     run = RunFolder(path=folder, run_id=str(card.get("run_id") or folder.name), card=card,
-                    card_path=card_path if card else None, metrics_path=metrics if metrics.is_file() else None)
+                    card_path=card_path if card else None, metrics_path=metrics if metrics.is_file() else None,
+                    dataset=str(card.get("dataset") or _config_dataset(folder / CONFIG_FILE)))
     rows, sources = [], []
     for name in RESULTS_FILES:
         if (folder / name).is_file():
@@ -255,5 +267,5 @@ def runs_frame(runs: Sequence[RunFolder], relative_to: Path | None = None) -> pd
 
     columns = ["run_id", "checkpoint_hash", "dataset", "checkpoint", "model_card"]
     return pd.DataFrame([{"run_id": r.run_id, "checkpoint_hash": str(r.card.get("checkpoint_hash") or ""),
-                          "dataset": str(r.card.get("dataset") or ""), "checkpoint": link(r.path / CHECKPOINT_NAME),
+                          "dataset": r.dataset, "checkpoint": link(r.path / CHECKPOINT_NAME),
                           "model_card": link(r.card_path)} for r in runs], columns=columns)

@@ -177,7 +177,7 @@ def _draw_plots(full: pd.DataFrame, board: pd.DataFrame, runs: list[RunFolder], 
             metrics = pd.read_csv(run.metrics_path)
         except (OSError, ValueError, pd.errors.ParserError) as err:
             raise UserError(f"{run.metrics_path}: not a readable metrics.csv ({err})") from None
-        histories.setdefault(str(run.card.get("dataset") or "unknown"), {})[run.run_id] = metrics
+        histories.setdefault(run.dataset or "unknown", {})[run.run_id] = metrics
     for dataset, by_run in histories.items():
         name = "gbr_epochs" + (f"_{plots.slug(dataset)}" if len(histories) > 1 else "")
         path = plots.plot_gbr_over_epochs(by_run, plot_dir / f"{name}.png", title=f"GBR during training ({dataset})")
