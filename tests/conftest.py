@@ -49,3 +49,19 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
         return done
 
     return run
+
+
+@pytest.fixture
+def stop_after() -> Callable[[int], object]:
+    """A training ``Progress`` that interrupts the run (as Ctrl-C would) once N epochs are finished and saved."""
+    from robust_enc.train.epoch import Progress
+
+    class StopAfter(Progress):
+        def __init__(self, epochs: int) -> None:
+            self.epochs = epochs
+
+        def end_epoch(self, row: dict) -> None:
+            if row["epoch"] == self.epochs:
+                raise KeyboardInterrupt
+
+    return StopAfter

@@ -156,24 +156,13 @@ def save_as_format_1(path: Path) -> None:
     torch.save(payload, path)
 
 
-class StopAfter(Progress):
-    """Interrupts the run (as Ctrl-C would) once ``epochs`` epochs are finished and saved."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def end_epoch(self, row: dict) -> None:
-        if row["epoch"] == self.epochs:
-            raise KeyboardInterrupt
-
-
-def test_a_converted_format_1_checkpoint_resumes_bit_identically(tmp_path, capsys):
+def test_a_converted_format_1_checkpoint_resumes_bit_identically(tmp_path, stop_after, capsys):
     # cutmix draws from numpy's RNG, the crop augmentation from torch's: the converted states must restore both.
     config = TrainConfig(**TINY, epochs=2, regularizer="enc+cutmix", gbr_probe_size=4)
     whole = load_checkpoint(train(dataclasses.replace(config, out_dir=str(tmp_path / "whole"))))
     split = dataclasses.replace(config, out_dir=str(tmp_path / "split"))
     with pytest.raises(KeyboardInterrupt):
-        train(split, progress=StopAfter(1))
+        train(split, progress=stop_after(1))
     folder = Path(split.out_dir) / whole.run_id
     save_as_format_1(folder / "checkpoint.pt")
     with pytest.raises(Exception, match="Unsupported global"):  # the reference: torch's own safe loader refuses it

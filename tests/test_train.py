@@ -22,7 +22,6 @@ from robust_enc.errors import UserError
 from robust_enc.models import weight_norms
 from robust_enc.runtime.sharding import GlobalBatchSampler
 from robust_enc.train.config import TrainConfig, lr_factor
-from robust_enc.train.epoch import Progress
 from robust_enc.train.loop import train
 from robust_enc.train.run_folder import METRIC_COLUMNS
 
@@ -43,17 +42,6 @@ def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(run_dir / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
-
-
-class StopAfter(Progress):
-    """Interrupts the run (as Ctrl-C would) once ``epochs`` epochs are finished and saved."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def end_epoch(self, row: dict) -> None:
-        if row["epoch"] == self.epochs:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -86,14 +74,14 @@ def test_global_batch_sampler_covers_each_example_once(size, batch, world):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def test_resume_is_bit_identical_and_finished_runs_are_skipped(tmp_path):
+def test_resume_is_bit_identical_and_finished_runs_are_skipped(tmp_path, stop_after):
     # cutmix draws from numpy's RNG (timm), the crop augmentation from torch's: both must be restored.
     config = TrainConfig(**TINY, epochs=2, regularizer="enc+cutmix", gbr_probe_size=4)
     whole = train(dataclasses.replace(config, out_dir=str(tmp_path / "whole")))
 
     split = dataclasses.replace(config, out_dir=str(tmp_path / "split"))
     with pytest.raises(KeyboardInterrupt):
-        train(split, progress=StopAfter(1))
+        train(split, progress=stop_after(1))
     assert load_checkpoint(Path(split.out_dir) / whole.name).extra["epoch"] == 1
     with pytest.raises(UserError, match="unfinished run.*--resume"):
         train(split)
