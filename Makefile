@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= reports/quick
 
-.PHONY: demo test data bench clean docs-figures
+.PHONY: demo test data bench clean docs-figures docs-figures-fmnist
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,3 +35,9 @@ clean:
 # Refresh the README's figures from the last `make demo`.
 docs-figures:
 	cp $(OUT)/report/plots/adv_vs_eps_fgsm_linf.png $(OUT)/report/plots/gbr_epochs.png docs/img/
+
+# Refresh the README's Fashion-MNIST figures from `robust-enc reproduce --preset fashion-mnist --out $(FMNIST)`.
+FMNIST ?= reports/fashion-mnist
+docs-figures-fmnist:
+	cp $(FMNIST)/report/plots/gbr_weight_decay.png docs/img/gbr_weight_decay_fmnist.png
+	cp $(FMNIST)/report/plots/gbr_vs_autoattack_linf_8-255.png docs/img/gbr_vs_autoattack_fmnist.png
