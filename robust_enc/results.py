@@ -31,11 +31,15 @@ from robust_enc.io import locked, write_atomic
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "robust-enc/results"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added in v2 (the scale-free GBR companions): a v1 file reads with them as NaN (not measured).
 ADDED_IN_V2 = ("logit_spread", "gbr_scale_free", "gbr_loss")
 # Added in v3 (the arithmetic of attacks and GBR): older files read with it empty (not recorded).
 ADDED_IN_V3 = ("precision",)
+# Added in v4 (what exactly was measured: the image set, its preprocessing, where the pixels came from, which weights):
+# older files read with them empty (not recorded), and the report never merges such rows with recorded ones.
+ADDED_IN_V4 = ("image_set", "preprocessing", "pixels", "weights")
+ADDED_GROUPS = (ADDED_IN_V2, ADDED_IN_V3, ADDED_IN_V4)
 NAN = float("nan")
 
 
@@ -123,6 +127,10 @@ class ResultRow:
     torch_version: str = ""
     art_version: str = ""
     precision: str = ""  # the arithmetic of the attacks and GBR, e.g. "fp32 (TF32 off, cudnn.benchmark off)"
+    image_set: str = ""  # digest of the exact images evaluated (data set, split, index or file list); "" = not recorded
+    preprocessing: str = ""  # the evaluation transform, e.g. "resize 256 bilinear, crop 224"; "" = not recorded
+    pixels: str = ""  # where the pixels came from: "decoded", or "cache <key>" when the decode cache served them
+    weights: str = ""  # which weights ran: a file's name, a library's pretrained tag, or "checkpoint"
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -219,7 +227,7 @@ def row_from_dict(data: dict[str, Any], *, source: str = "results", row: int | N
     if None in data:  # csv.DictReader's key for cells beyond the header
         raise UserError(f"{where} has {len(data[None])} more cells than the header; the file is refused: fix that "
                         "row or re-create the file")
-    for added in (ADDED_IN_V2, ADDED_IN_V3):  # a row of an older version: what it lacks was not measured
+    for added in ADDED_GROUPS:  # a row of an older version: what it lacks was not measured
         if all(n not in data for n in added):
             data = {**data, **dict.fromkeys(added, "")}
     missing = [n for n in FIELD_NAMES if n not in data]
@@ -292,7 +300,7 @@ def _read_results(path: Path) -> list[ResultRow]:
             raise UserError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_NAME:
             raise UserError(f"{path}: not a robust-enc results file (no '\"schema\": \"{SCHEMA_NAME}\"')")
-        if payload.get("version") not in (1, 2, SCHEMA_VERSION):
+        if payload.get("version") not in range(1, SCHEMA_VERSION + 1):
             raise UserError(f"{path}: results schema v{payload.get('version')}, this robust-enc reads "
                             f"v{SCHEMA_VERSION}; re-create the file")
         rows = payload.get("rows", [])
@@ -301,9 +309,9 @@ def _read_results(path: Path) -> list[ResultRow]:
         return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(rows, 1)]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        # Today's header, or it without the column groups added since v1 (v2's lacks precision, v1's both groups).
-        accepted = [[n for n in FIELD_NAMES if not any(n in group for group in dropped)]
-                    for dropped in ((), (ADDED_IN_V3,), (ADDED_IN_V2,), (ADDED_IN_V2, ADDED_IN_V3))]
+        # Today's header, or an older version's: it without the column groups added since (v3's lacks v4's group).
+        accepted = [[n for n in FIELD_NAMES if not any(n in group for group in ADDED_GROUPS[k:])]
+                    for k in range(len(ADDED_GROUPS) + 1)]
         if reader.fieldnames not in accepted:
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
