@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,22 @@ def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # the bytes as a buffer: hashlib reads them in place, no copy
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:12]
+
+
+def verify_hash(path: str | Path, stored: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    """The stored content hash must be the hash of the tensors loaded: a flipped bit in the tensor data, or weights
+    edited with the old hash kept, would otherwise be measured under the genuine model's name. UserError naming the
+    file and both hashes; a checkpoint that stores no hash is hashed by the caller (``ModelSource``)."""
+    if not stored:
+        return
+    actual = state_hash(state_dict)
+    if actual != stored:
+        raise UserError(f"{path}: the weights do not match the checkpoint's content hash (stored {stored}, the "
+                        f"tensors hash to {actual}): the file is damaged or was edited; re-create it with robust-enc "
+                        "train or restore a good copy")
 
 
 def _plain(value: Any) -> Any:
@@ -150,7 +165,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if problem := _payload_error(path, payload):
         raise UserError(problem)
     try:
-        return Checkpoint(
+        ckpt = Checkpoint(
             spec=ModelSpec.from_dict(payload["spec"]), state_dict=payload["state_dict"],
             dataset_info=DatasetInfo.from_dict(payload["dataset_info"]) if payload.get("dataset_info") else None,
             config=payload.get("config", {}), metrics=payload.get("metrics", {}),
@@ -160,6 +175,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (TypeError, ValueError, KeyError) as err:
         raise UserError(f"{path}: the checkpoint's spec or dataset_info is malformed ({_first_line(err)}); "
                         "re-create it with robust-enc train") from None
+    verify_hash(path, ckpt.content_hash, ckpt.state_dict)
+    return ckpt
 
 
 def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -209,6 +226,11 @@ def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
                         f"{weights} (without --model/--weights)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        held = type(state).__name__ if not isinstance(state, dict) else "a mapping that is not names -> tensors"
+        raise UserError(f"{weights} holds {held}, not a state dict (parameter names -> tensors): save "
+                        "model.state_dict() with torch.save, then pass that file as --weights")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = build_model(spec)
     if not any(k.startswith("net.") for k in state):
@@ -219,18 +241,73 @@ def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
 
 
 # ------------------------------------------------------------------------------------------------ conversion
+# The classes a format-1 checkpoint pickled beyond what weights_only admits: numpy RNG states (arrays, dtypes, numpy
+# scalars) and torch's version string. Anything else is not a file robust-enc wrote.
+_FORMAT_1_GLOBALS = re.compile(r"^(numpy\.(ndarray|dtype|(_core|core)\.multiarray\.(_reconstruct|scalar)"
+                               r"|dtypes\.\w+DType)|torch\.torch_version\.TorchVersion)$")
+
+
+def _format_1_globals(path: Path) -> list[Any]:
+    """The globals a format-1 checkpoint needs, imported, after checking, without unpickling anything, that ``path``
+    is one: a torch zip file whose one pickle names robust-enc's format and no global outside ``_FORMAT_1_GLOBALS``.
+    UserError otherwise (so a hostile file is refused before any of its code could run)."""
+    import importlib
+    import pickletools
+    import zipfile
+
+    refused = f"{path} is not a robust-enc checkpoint of format 1: refused without unpickling it"
+    with zipfile.ZipFile(path) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            raise UserError(f"{refused} (no single <archive>/data.pkl record)")
+        data = archive.read(pickles[0])
+    try:
+        strings = {arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+    except Exception as err:  # a malformed opcode stream: pickletools reads it without running it
+        raise UserError(f"{refused} ({_first_line(err)})") from None
+    if FORMAT not in strings:
+        raise UserError(f"{refused} (it does not name the format {FORMAT!r})")
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    foreign = [name for name in names if not _FORMAT_1_GLOBALS.match(name)]
+    if foreign:
+        raise UserError(f"{refused} (it needs {foreign[0]!r}, which robust-enc never wrote)")
+    found = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attribute))
+        except (ImportError, AttributeError):
+            raise UserError(f"{refused} (it needs {name!r}, which this numpy/torch does not have)") from None
+    if any(name.endswith(".dtype") for name in names):  # a dtype rebuilds as its class (numpy.dtypes.UInt32DType)
+        import numpy.dtypes
+
+        found += [getattr(numpy.dtypes, kind) for kind in dir(numpy.dtypes) if kind.endswith("DType")]
+    return found
+
+
 def convert_checkpoint(path: str | Path) -> bool:
-    """Rewrite a *trusted* format-1 checkpoint in format 2, atomically (weights, hash and RNG streams unchanged, so
-    resume stays exact). Returns False when the file already loads safely. Unpickles the file: trusted files only."""
+    """Rewrite a format-1 checkpoint in format 2, atomically (weights, hash and RNG streams unchanged, so resume stays
+    exact). Returns False when the file already loads safely.
+
+    The file is trusted as far as its values go (its RNG states are restored on resume), but never unpickled as a
+    whole: it must be a torch zip naming robust-enc's format whose pickle needs only the numpy and torch classes
+    format 1 wrote (``_format_1_globals``, checked on the opcodes, without running them); it is then loaded with
+    ``weights_only=True`` admitting those classes alone."""
+    import zipfile
+
     path = checkpoint_file(path)
+    if not zipfile.is_zipfile(path):  # both formats are torch zip files; a bare pickle is not even opened
+        raise UserError(f"{path} is not a robust-enc checkpoint (not a torch zip file): refused without unpickling it")
     try:
         read_safely(path, "checkpoint")
         return False
     except UserError as err:
         if "needs pickle" not in str(err):
             raise
+    allowed = _format_1_globals(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+        with torch.serialization.safe_globals(allowed):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
     if problem := _payload_error(path, payload):
@@ -240,6 +317,7 @@ def convert_checkpoint(path: str | Path) -> bool:
         extra["rng"] = [safe_rng_state(state) for state in extra["rng"]]
     payload = {**payload, "format_version": FORMAT_VERSION, "extra": extra,
                "versions": {k: str(v) for k, v in (payload.get("versions") or {}).items()}}
+    verify_hash(path, payload.get("content_hash"), payload["state_dict"])
     try:
         _write_payload(path, payload)
     except TypeError as err:
