@@ -31,11 +31,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_enc.errors import UserError
-from robust_enc.images import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, levels_of, to_float
+from robust_enc.images import (
+    DatasetInfo,
+    ImageFiles,
+    collate_readable,
+    eval_decode_transform,
+    eval_transform_description,
+    levels_of,
+    to_float,
+)
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the stored layout changes: the key changes and old caches are left alone
+CACHE_FORMAT = 2  # bump when the stored layout changes: the key changes and old caches are left alone
+# 2: meta.json records each source file's size, mtime and sha256, and images.npy's size, mtime and sha256
 BUILD_BATCH = 64  # images decoded per write: bounds the memory a build holds
 
 
@@ -84,11 +93,7 @@ def _image_files(dataset: Dataset) -> list[tuple[str, int]]:
 
 
 def transform_description(image_size: int) -> str:
-    import PIL
-    import torchvision
-
-    return (f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW; "
-            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+    return eval_transform_description(image_size)
 
 
 def cache_key(info: DatasetInfo, samples: list[tuple[str, int]]) -> str:
@@ -109,6 +114,25 @@ def cache_folder(cache_dir: str | Path, info: DatasetInfo, samples: list[tuple[s
     return Path(cache_dir) / f"{name}-{info.split}-{cache_key(info, samples)}"
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | Path, *, with_digest: bool = True) -> list:
+    """[size, mtime_ns, sha256] of a file ([-1, -1, ""] when it cannot be read): size and mtime are the cheap check
+    made on every use, the digest the full one."""
+    try:
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns, file_digest(path) if with_digest else ""]
+    except OSError:
+        return [-1, -1, ""]
+
+
 def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], *, workers: int = 0) -> None:
     """Decode ``samples`` with the evaluation transform into ``folder`` (images.npy uint8 (N, 3, S, S), labels.npy,
     meta.json), writing one batch at a time into a temporary folder renamed into place at the end."""
@@ -116,6 +140,7 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        sources = [fingerprint(path) for path, _ in samples]  # before decoding: a file edited meanwhile shows as stale
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(samples), 3, height, width))
         labels = np.empty(len(samples), dtype=np.int64)
@@ -133,7 +158,9 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         unreadable = len(samples) - kept  # their rows stay unused at the end of images.npy
         np.save(tmp / "labels.npy", labels[:kept])
         meta = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split, "size": kept,
-                "unreadable": unreadable, "transform": transform_description(height), "requested": len(samples)}
+                "unreadable": unreadable, "transform": transform_description(height), "requested": len(samples),
+                "shape": [len(samples), 3, height, width], "images": fingerprint(tmp / "images.npy"),
+                "sources": [[os.path.abspath(path), *print_] for (path, _), print_ in zip(samples, sources)]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if unreadable:
             log.warning("%d unreadable images were left out of the cache %s", unreadable, folder)
@@ -146,26 +173,76 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *, workers: int = 0) -> CachedImages:
-    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key."""
+def stale_reason(folder: Path, meta: dict[str, Any], *, full: bool = False) -> str:
+    """Why the cache in ``folder`` may not be served ("" when it may): images.npy or a source file whose size or mtime
+    changed and whose bytes no longer match the digest taken at build time. ``full``: check every byte (the digests of
+    images.npy and of every source file) whatever their size and mtime say."""
+    images = folder / "images.npy"
+    stored = meta.get("images") or [-1, -1, ""]
+    now = fingerprint(images, with_digest=False)
+    if now[0] != stored[0]:
+        return f"images.npy has {now[0]} bytes, the cache wrote {stored[0]} (truncated or replaced)"
+    if (full or now[1] != stored[1]) and file_digest(images) != stored[2]:
+        return "images.npy's bytes changed since the cache was built"
+    for path, size, mtime, digest in meta.get("sources", []):
+        now = fingerprint(path, with_digest=False)
+        if now[0] != size:
+            return f"source image {path} changed size ({size} -> {now[0]} bytes)"
+        if (full or now[1] != mtime) and size >= 0 and file_digest(path) != digest:
+            return f"source image {path} changed since the cache was built (same size, other bytes)"
+    return ""
+
+
+def _build_logged(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], workers: int) -> None:
+    log.warning("decoding %d images into the cache %s (once: later runs read it)", len(samples), folder)
+    started = time.perf_counter()
+    build_cache(folder, info, samples, workers=workers)
+    log.warning("cache built in %.0f s", time.perf_counter() - started)
+
+
+def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *, workers: int = 0,
+                   verify: bool = False) -> CachedImages:
+    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key.
+
+    Every use checks the size and mtime of images.npy and of every source file (a stat each), and the bytes of those
+    whose size or mtime changed; ``verify`` checks every byte. A stale or damaged cache is never served: it is rebuilt
+    (one process), or refused with a line saying how to rebuild it (under torchrun, where other processes read it)."""
     samples = _image_files(dataset)
     if info.input_shape[0] != 3 or info.input_shape[1] != info.input_shape[2]:
         raise UserError(f"--cache stores square RGB images; {info.name} has {info.input_shape}")
     folder = cache_folder(cache_dir, info, samples)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"--cache {cache_dir} is a file: give a folder (created if missing)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if not (folder / "meta.json").is_file():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0:
             log.warning("waiting for local rank 0 to build the cache %s", folder)
             while not (folder / "meta.json").is_file():  # torchrun ends every rank if the builder fails
                 time.sleep(1.0)
         else:
-            log.warning("decoding %d images into the cache %s (once: later runs read it)", len(samples), folder)
-            started = time.perf_counter()
-            build_cache(folder, info, samples, workers=workers)
-            log.warning("cache built in %.0f s", time.perf_counter() - started)
-    cached = CachedImages(folder)
-    if cached.meta.get("format") != CACHE_FORMAT:
+            _build_logged(folder, info, samples, workers)
+    meta = _read_meta(folder)
+    if reason := stale_reason(folder, meta, full=verify):
+        if world > 1:
+            raise UserError(f"the decode cache {folder} is stale: {reason}; rebuild it with 'robust-enc cache "
+                            f"--cache {cache_dir}' (same data options) in one process before this run")
+        log.warning("the decode cache %s is stale (%s): rebuilding it", folder, reason)
+        shutil.rmtree(folder)
+        _build_logged(folder, info, samples, workers)
+        meta = _read_meta(folder)
+        if reason := stale_reason(folder, meta, full=True):  # the files change while being read
+            raise UserError(f"the decode cache {folder} is stale right after its build ({reason}): are the images "
+                            "being written to? Run again once they are not")
+    return CachedImages(folder)
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """meta.json of a cache this version wrote; a damaged one or another format is a UserError saying to delete it."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder}/meta.json is unreadable ({err.__class__.__name__}): delete {folder} and it is "
+                        "rebuilt on the next use") from None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise UserError(f"{folder} is not a cache this version reads: delete it")
-    return cached
+    return meta

@@ -8,8 +8,12 @@ Sets made of bytes also send uint8 batches through ``build_loader(..., uint8=Tru
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from robust_enc.images import (
     SafeImageFolder,
     TensorImages,
     collate_readable,
+    eval_transform_description,
     image_folder_transform,
     to_float,
     uint8_view,
@@ -286,12 +291,40 @@ def evaluation_split(name: str) -> str:
     return DATASETS.lookup(name)[0].meta.get("evaluation_split", "test")
 
 
+def image_set_digest(name: str, split: str, items: Sequence[Any]) -> str:
+    """The identity of an exact image set: sha256 (16 hex) of the data set, the split and its items in order (indices
+    into the split for in-memory and generated sets; [path relative to the split's folder, label] for image files)."""
+    payload = json.dumps({"dataset": name, "split": split, "items": list(items)}, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _image_items(dataset: Dataset, root: str) -> list[Any]:
+    """What identifies each image of ``dataset`` (a set, or a Subset of one), in order (see ``image_set_digest``)."""
+    if isinstance(dataset, Subset):
+        inner = _image_items(dataset.dataset, root)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, ImageFiles):
+        return [[os.path.relpath(path, root), label] for path, label in dataset.samples]
+    return list(range(len(dataset)))
+
+
+def _files_root(dataset: Dataset) -> str:
+    """The folder all of a split's image files lie under ("" for other sets): paths are recorded relative to it, so
+    the same images in another place are the same image set."""
+    if not isinstance(dataset, ImageFiles) or not dataset.samples:
+        return ""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path, _ in dataset.samples])
+
+
 def build_dataset(name: str, split: str, *, data_dir: str | None = None, download: bool = False, subset: int = 0,
                   augment: bool = False, image_size: int | None = None, subset_list: str | None = None,
-                  cache: str | None = None, workers: int = 0) -> tuple[Dataset, DatasetInfo]:
-    """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset,
-    ``subset_list`` the image files a list names (in its order). ``cache``: a folder for the decoded evaluation
-    images (``robust_enc.cache``), built on first use with ``workers`` DataLoader workers."""
+                  cache: str | None = None, workers: int = 0,
+                  verify_cache: bool = False) -> tuple[Dataset, DatasetInfo]:
+    """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset (a ``subset`` at
+    least the split's size is the whole split, recorded as its size), ``subset_list`` the image files a list names (in
+    its order). ``cache``: a folder for the decoded evaluation images (``robust_enc.cache``), built on first use with
+    ``workers`` DataLoader workers, every byte checked when ``verify_cache``. The info records the image set's digest,
+    the preprocessing and where the pixels come from."""
     entry, argument = DATASETS.lookup(name)
     if data_dir and not download and not Path(data_dir).is_dir():  # not a silent fallback to the system copy
         raise UserError(f"--data-dir {data_dir} is not a folder; give the folder holding the {name} files, or leave "
@@ -304,6 +337,7 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
         raise UserError(f"--subset must be >= 0 (0 = whole split), got {subset}")
     if len(dataset) == 0:
         raise UserError(f"data set {name} split {split} is empty")
+    root = _files_root(dataset)
     if subset_list:
         from robust_enc.imagenet import select_listed
 
@@ -313,18 +347,29 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
             raise UserError(f"--subset-list picks image files by name; {name} is not read from image files "
                             "(use imagenet or folder:PATH)")
         dataset = ImageFiles(select_listed(dataset.samples, subset_list), dataset.transform, dataset.finish)
-        info = DatasetInfo(**{**info.to_dict(), "size": len(dataset), "subset": len(dataset)})
+        info = dataclasses.replace(info, size=len(dataset), subset=len(dataset))
     elif subset:
         dataset = Subset(dataset, balanced_subset_indices(_targets(dataset), subset))
-        info = DatasetInfo(**{**info.to_dict(), "size": len(dataset), "subset": subset})
+        info = dataclasses.replace(info, size=len(dataset), subset=len(dataset))  # what ran: 450 of --subset 100000
+    preprocessing = (eval_transform_description(info.input_shape[1]) if isinstance(_base(dataset), ImageFiles)
+                     else "none: the stored images in [0, 1]")
+    info = dataclasses.replace(info, image_set=image_set_digest(info.name, split, _image_items(dataset, root)),
+                               preprocessing=preprocessing, pixels="decoded")
     if cache:
         from robust_enc.cache import cached_dataset
 
         if augment:
             raise UserError("--cache stores the evaluation transform (resize + centre crop); training augments each "
                             "epoch anew, so it cannot use the cache")
-        dataset = cached_dataset(dataset, info, cache, workers=workers)
+        dataset = cached_dataset(dataset, info, cache, workers=workers, verify=verify_cache)
+        info = dataclasses.replace(info, pixels=f"cache {dataset.folder.name.rsplit('-', 1)[-1]}")
     return dataset, info
+
+
+def _base(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0,

@@ -160,21 +160,34 @@ def find_samples(root: Path, split: str) -> tuple[str, Samples]:
 
 
 def select_listed(samples: Samples, list_file: str | Path) -> Samples:
-    """The samples named in ``list_file`` (one image file name or path per line, e.g. RobustBench's 5,000-image
-    list; matched by file name), in the file's order."""
+    """The samples named in ``list_file`` (one image per line, e.g. RobustBench's 5,000-image list), in the file's
+    order. A line with folders (``n01440764/x.JPEG``, ``b/0000.bmp``) matches the file whose path ends with those
+    parts; a bare file name matches by name, and must then name one file only."""
     path = Path(list_file)
     try:
-        names = [line.strip() for line in path.read_text().splitlines()]
+        lines = [line.strip() for line in path.read_text().splitlines()]
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read --subset-list {path}: {err}") from None
-    names = [Path(n).name for n in names if n and not n.startswith("#")]
-    if not names:
+    entries = [tuple(part for part in Path(line.replace("\\", "/")).parts if part not in (".", "/"))
+               for line in lines if line and not line.startswith("#")]
+    if not entries:
         raise UserError(f"--subset-list {path} names no image (one file name per line)")
-    by_name: dict[str, tuple[str, int]] = {}
+    by_name: dict[str, list[tuple[tuple[str, ...], tuple[str, int]]]] = {}
     for sample in samples:
-        by_name.setdefault(Path(sample[0]).name, sample)
-    missing = [n for n in names if n not in by_name]
+        parts = Path(sample[0]).parts
+        by_name.setdefault(parts[-1], []).append((parts, sample))
+    chosen, missing = [], []
+    for entry in entries:
+        found = [sample for parts, sample in by_name.get(entry[-1], []) if parts[-len(entry):] == entry]
+        if not found:
+            missing.append("/".join(entry))
+        elif len(found) > 1:
+            raise UserError(f"--subset-list {path}: {'/'.join(entry)!r} matches {len(found)} images ({found[0][0]}, "
+                            f"{found[1][0]}, ...): write its folder too, e.g. {Path(found[0][0]).parent.name}/"
+                            f"{entry[-1]}")
+        else:
+            chosen.append(found[0])
     if missing:
-        raise UserError(f"{len(missing)} of the {len(names)} images in --subset-list {path} are not in the data set "
-                        f"(first: {missing[0]}): check the list against --data-dir")
-    return [by_name[n] for n in names]
+        raise UserError(f"{len(missing)} of the {len(entries)} images in --subset-list {path} are not in the data "
+                        f"set (first: {missing[0]}): check the list against --data-dir")
+    return chosen

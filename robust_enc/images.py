@@ -36,8 +36,12 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, for the model's normalizer
     std: tuple[float, ...]
     size: int  # number of examples (after --subset)
-    subset: int = 0  # requested subset size; 0 = whole split
+    subset: int = 0  # subset size evaluated (at most the split's size); 0 = whole split
     class_names: tuple[str, ...] = field(default=(), compare=False)
+    # Provenance a result row records (``data.build_dataset`` fills them; "" = not recorded):
+    image_set: str = field(default="", compare=False)  # digest of (data set, split, the indices or the file list)
+    preprocessing: str = field(default="", compare=False)  # the evaluation transform
+    pixels: str = field(default="", compare=False)  # "decoded", or "cache <key>" when the decode cache serves them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +161,15 @@ def unreadable_count(dataset: Dataset) -> int:
         dataset = dataset.dataset
     counter = getattr(dataset, "unreadable", None)
     return int(counter.value) if counter is not None else 0
+
+
+def eval_transform_description(image_size: int) -> str:
+    """``eval_decode_transform`` + ``to_float`` in words, with the versions that decide the pixels."""
+    import PIL
+    import torchvision
+
+    return (f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW; "
+            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
 
 
 def eval_decode_transform(image_size: int) -> Callable:

@@ -13,6 +13,10 @@ def add_arguments(parser: Any) -> None:
     add_file_data_arguments(parser)
     parser.add_argument("--split", default="", help="data split (default: the data set's evaluation split)")
     parser.add_argument("--image-size", type=int, default=224, help="centre crop size in pixels (default 224)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every byte of an existing cache (images.npy and every source image against the "
+                             "digests taken at build time; every use checks sizes and mtimes only); a stale cache is "
+                             "rebuilt")
 
 
 def run(args: Any) -> int:
@@ -24,8 +28,9 @@ def run(args: Any) -> int:
     split = args.split or evaluation_split(args.dataset)
     dataset, info = build_dataset(args.dataset, split, data_dir=args.data_dir, download=args.download,
                                   subset=args.subset, image_size=args.image_size, subset_list=args.subset_list,
-                                  cache=args.cache, workers=args.workers)
+                                  cache=args.cache, workers=args.workers, verify_cache=args.verify)
     assert isinstance(dataset, CachedImages)
-    print(f"{len(dataset)} images of {info.name} ({split}) cached in {dataset.folder}; pass --cache {args.cache} "
-          "to robust-enc attack")
+    checked = " (every byte checked)" if args.verify else ""
+    print(f"{len(dataset)} images of {info.name} ({split}) cached in {dataset.folder}{checked}; pass --cache "
+          f"{args.cache} to robust-enc attack")
     return 0
