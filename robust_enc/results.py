@@ -151,9 +151,12 @@ class ResultRow:
             raise ValueError(f"adv_top1 {self.adv_top1} > clean_top1 {self.clean_top1}")
 
     def key(self) -> tuple:
-        """Identity of a measurement: rows with the same key are duplicates of one another."""
-        return (self.run_id, self.checkpoint_hash, self.dataset, self.split, self.subset, self.attack, self.norm,
-                round(self.eps, 9), self.steps, round(self.step_size, 9), self.restarts, self.seed)
+        """Identity of a measurement: rows with the same key are duplicates of one another. The provenance is part of
+        it: the model's bytes and which weights file, the exact image set and its preprocessing (not ``pixels``: the
+        cache serves the decoded pixels bit for bit)."""
+        return (self.run_id, self.checkpoint_hash, self.weights, self.dataset, self.split, self.subset, self.image_set,
+                self.preprocessing, self.attack, self.norm, round(self.eps, 9), self.steps, round(self.step_size, 9),
+                self.restarts, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,10 +264,47 @@ def _nan_to_empty(value: Any) -> Any:
     return "" if isinstance(value, float) and math.isnan(value) else value
 
 
+def check_writable(path: Path, rows: Sequence[ResultRow]) -> None:
+    """Each row's cells as the file will hold them must pass the reader's rules (``_parse_cell``): a row written and
+    read back never fails (a checkpoint metric ``train_top1 = -0.5`` would block every later run on the file)."""
+    for i, r in enumerate(rows, 1):
+        for name, value in r.to_dict().items():
+            try:
+                _parse_cell(name, str(_nan_to_empty(value)) if _FIELD_TYPES[name] != "str" else value)
+            except ValueError as err:
+                raise UserError(f"{path}: refusing to write row {i} ({r.run_id}, {r.attack} eps {r.eps:.4g}): column "
+                                f"{name!r}: {err}; nothing was written") from None
+
+
+ACCURACIES = tuple(name for name in ("clean_top1", "clean_top5", "adv_top1", "adv_top5") if name in FIELD_NAMES)
+
+
+def measurement_problems(rows: Sequence[ResultRow]) -> list[str]:
+    """What makes rows of measurements impossible: an accuracy that is not k/n for an integer k, or a clean_top1 that
+    contradicts the clean ('none') row of the same evaluation (same run, weights, model hash, image set and n)."""
+    problems = []
+    for r in rows:
+        for name in ACCURACIES:
+            value = getattr(r, name)
+            if not math.isnan(value) and abs(value * r.n - round(value * r.n)) > 1e-6:
+                problems.append(f"{r.run_id} {r.attack} eps {r.eps:.4g}: {name} {value:g} is not k/{r.n} for an "
+                                "integer k")
+    clean = {(r.run_id, r.weights, r.checkpoint_hash, r.image_set, r.n): r for r in rows
+             if r.attack == "none" and r.image_set}
+    for r in rows:
+        ref = clean.get((r.run_id, r.weights, r.checkpoint_hash, r.image_set, r.n))
+        if ref is not None and abs(r.clean_top1 - ref.clean_top1) > 1e-9:
+            problems.append(f"{r.run_id} {r.attack} eps {r.eps:.4g}: clean_top1 {r.clean_top1:g} contradicts the "
+                            f"clean row's {ref.clean_top1:g} on the same images")
+    return problems
+
+
 def write_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
-    """Write rows atomically; the format follows the suffix (.csv or .json)."""
+    """Write rows atomically; the format follows the suffix (.csv or .json). Rows that would not read back are
+    refused first (``check_writable``)."""
     path = Path(path)
     rows = list(rows)
+    check_writable(path, rows)
     if path.suffix == ".json":
         # JSON has no NaN or inf: NaN (not measured) becomes null, inf (overflowed) the string "inf".
         payload = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION,
@@ -307,6 +347,14 @@ def _read_results(path: Path) -> list[ResultRow]:
         if not isinstance(rows, list):
             raise UserError(f"{path}: \"rows\" must be a list of row objects, got {type(rows).__name__}")
         return [row_from_dict(d, source=str(path), row=i) for i, d in enumerate(rows, 1)]
+    try:
+        return _read_csv(path)
+    except csv.Error as err:  # e.g. a cell over csv's field size limit (131,072 characters)
+        raise UserError(f"{path}: not a results CSV ({err}); the file is refused: re-create it with robust-enc") \
+            from None
+
+
+def _read_csv(path: Path) -> list[ResultRow]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         # Today's header, or an older version's: it without the column groups added since (v3's lacks v4's group).
@@ -339,23 +387,40 @@ def check_results_target(path: str | Path) -> Path:
     return path
 
 
+def _replaces(new: Sequence[ResultRow]) -> Any:
+    """Which old rows the ``new`` ones replace: a row of the same measurement (same ``key``, provenance included),
+    and a row of an older checkpoint of the same run folder (``weights`` "checkpoint", same run and data set, another
+    hash: the run was retrained in place, its old checkpoint is gone). Rows of any other weights file, or of an
+    unrecorded source (older files), are never replaced by another hash's."""
+    keys = {r.key() for r in new}
+    retrained = {(r.run_id, r.dataset): r.checkpoint_hash for r in new if r.weights == "checkpoint"}
+
+    def replaced(r: ResultRow) -> str:
+        if r.key() in keys:
+            return "same measurement"
+        current = retrained.get((r.run_id, r.dataset))
+        if r.weights == "checkpoint" and current is not None and current != r.checkpoint_hash:
+            return f"earlier checkpoint {r.checkpoint_hash}"
+        return ""
+
+    return replaced
+
+
 def append_results(path: str | Path, rows: Iterable[ResultRow]) -> Path:
     """Add rows to a results file atomically (read, extend, rewrite, under a lock so concurrent writers take turns),
-    replacing rows with the same key and the rows of earlier checkpoints of the same run (a retrained run: its old
-    checkpoint is gone, and its rows would count as another seed in the report)."""
+    replacing only rows of the same measurement and the rows of earlier checkpoints of the same run folder (see
+    ``_replaces``; each replacement is logged). Rows that are not measurements (``measurement_problems``) are
+    refused with one line."""
     path = Path(path)
     new = list(rows)
-    new_keys = {r.key() for r in new}
-    current = {(r.run_id, r.dataset): r.checkpoint_hash for r in new if r.checkpoint_hash}
-
-    def stale(r: ResultRow) -> bool:
-        return bool(r.checkpoint_hash) and current.get((r.run_id, r.dataset), r.checkpoint_hash) != r.checkpoint_hash
-
+    if problems := measurement_problems(new):
+        raise UserError(f"{path}: refusing {len(problems)} impossible row(s): {problems[0]}; nothing was written")
+    replaced = _replaces(new)
     with locked(path):
         old = read_results(path) if path.exists() else []
-        dropped = [r for r in old if stale(r)]
-        if dropped:
-            log.warning("%s: replaced %d rows of earlier checkpoint(s) %s of %s", path, len(dropped),
-                        ", ".join(sorted({r.checkpoint_hash for r in dropped})),
-                        ", ".join(sorted({r.run_id for r in dropped})))
-        return write_results(path, [r for r in old if r.key() not in new_keys and not stale(r)] + new)
+        for why in sorted({why for r in old if (why := replaced(r))}):
+            dropped = [r for r in old if replaced(r) == why]
+            # Re-measuring is routine (info); a retrained run's rows going is worth a warning.
+            log.log(logging.INFO if why == "same measurement" else logging.WARNING, "%s: replaced %d row(s) of %s (%s)",
+                    path, len(dropped), ", ".join(sorted({r.run_id for r in dropped})), why)
+        return write_results(path, [r for r in old if not replaced(r)] + new)
