@@ -264,6 +264,9 @@ def summarize(values: torch.Tensor, *, output: str, method: str, probes: int, wa
     if n == 0:
         raise UserError("gbr got no examples: the data set (or --subset) is empty, or every image was unreadable")
     values = values.double()
+    if bad := int(values.isnan().sum()):  # inf is an overflowed GBR (recorded as such); NaN is no number at all
+        raise UserError(f"GBR is NaN on {bad} of {n} examples: the model's outputs or input-gradients are not numbers "
+                        "(NaN/inf weights or logits); there is no GBR to report (did its training diverge?)")
     mean = float(values.mean())
     if n > 1:
         from scipy.stats import t

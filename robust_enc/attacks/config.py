@@ -52,6 +52,7 @@ class Provenance:
     checkpoint_hash: str = ""
     train_top1: float = math.nan
     weight_sq_norm: float = math.nan
+    weights: str = ""  # which weights ran: "checkpoint" (a run's), a file's name, "pretrained"
 
 
 @dataclass

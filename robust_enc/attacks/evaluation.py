@@ -44,7 +44,7 @@ from robust_enc.errors import UserError
 from robust_enc.images import DatasetInfo, loader_levels, unreadable_count
 from robust_enc.models import frozen, weight_norms
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions, parse_eps
-from robust_enc.runtime.distributed import barrier, evaluation_process
+from robust_enc.runtime.distributed import any_rank, barrier, evaluation_process
 from robust_enc.runtime.progress import Task, task
 from robust_enc.runtime.seeding import restored_rng, seed_for
 from robust_enc.runtime.sharding import ShardSampler
@@ -62,7 +62,8 @@ def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInf
     for name in ("out", "device", "workers", "gbr", "download", "data_dir", "cache"):  # do not change what is counted
         settings.pop(name)
     payload = {"config": settings, "checkpoint": provenance.checkpoint_hash, "run_id": provenance.run_id,
-               "dataset": info.name, "split": info.split, "size": info.size, "rank": rank, "world": world,
+               "dataset": info.name, "split": info.split, "size": info.size, "image_set": info.image_set,
+               "rank": rank, "world": world,
                "art": library_versions().get("art_version", ""), "format": PROGRESS_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -86,6 +87,26 @@ def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, devic
             float(measured.logit_spread.sum()), float(measured.loss_gbr.sum())]
 
 
+class _CleanWatch:
+    """Counts the batches whose clean logits hold NaN or inf: armed before each ``count_batch``, whose first forward
+    pass is the clean one. Such a model has no accuracy (argmax of NaN is class 0), so no row may be written."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.armed, self.bad = False, 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.armed:
+            self.armed = False
+            if isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
+                self.bad += 1
+
+
+def _non_finite_model(model: nn.Module, info: DatasetInfo, what: str) -> UserError:
+    return UserError(f"the model's {what} are NaN/inf on {info.name} ({info.split}): it has no accuracy to report; "
+                     "no row was written (check the checkpoint: did its training diverge?)")
+
+
 def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config: AttackConfig,
                    provenance: Provenance, *, out: Path | None, max_batches: int | None = None,
                    on_batch: OnBatch | None = None) -> list[ResultRow]:
@@ -101,6 +122,8 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
     if len(dataset) == 0:
         raise UserError(f"data set {info.name} split {info.split} is empty: nothing to evaluate")
     plans = [ATTACKS.get(name).plan(name, config.settings(), info.num_classes) for name in attacks]
+    if not all(bool(t.isfinite().all()) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()):
+        raise _non_finite_model(model, info, "weights")
 
     with evaluation_process(config.device) as (rank, world, device), restored_rng():
         model = model.to(device)
@@ -122,12 +145,20 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             run.levels = loader_levels(loader, device)
             done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
             total = done_before + len(sampler)
+            watch = _CleanWatch(model)
             with task(f"attack {provenance.run_id} ({','.join(attacks)})", total, completed=done_before,
                       show=rank == 0) as bar:
-                session = _count_batches(run, loader, bar, start=start, rank=rank, world=world,
-                                         max_batches=max_batches, on_batch=on_batch,
-                                         save=(lambda done: save_progress(progress, key, done, run.tallies))
-                                         if progress is not None else None)
+                try:
+                    session = _count_batches(run, loader, bar, start=start, rank=rank, world=world,
+                                             max_batches=max_batches, on_batch=on_batch, watch=watch,
+                                             save=(lambda done: save_progress(progress, key, done, run.tallies))
+                                             if progress is not None else None)
+                finally:
+                    watch.handle.remove()
+            if any_rank(watch.bad > 0):  # every rank stops together
+                if progress is not None:
+                    progress.unlink(missing_ok=True)
+                raise _non_finite_model(model, info, "outputs on clean images")
             if session.session_images:
                 log.info(session.time_split())
             if session.stopped:
@@ -143,7 +174,9 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
                 progress.unlink(missing_ok=True)
             raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
                             "failed to load, see the warnings): fix or replace the files, or pass another --dataset")
-        rows = result_rows(run, provenance, gbr_columns(gbr_sums))
+        rows = [dataclasses.replace(row, image_set=info.image_set, preprocessing=info.preprocessing,
+                                    pixels=info.pixels, weights=provenance.weights)
+                for row in result_rows(run, provenance, gbr_columns(gbr_sums))]
         flagged = flag_lines(rows)
         if flagged and rank == 0:  # one line per run, on one process; the command line shows them in a panel
             log.warning("sanity checks flagged %d rows of %s: %s", len(flagged), provenance.run_id,
@@ -169,19 +202,23 @@ def results_path(config: AttackConfig) -> Path:
 
 def _provenance(source: ModelSource, model: nn.Module) -> Provenance:
     """What the rows say about the model: a checkpoint's run, or the weights file's name."""
-    from robust_enc.checkpoint import state_hash
+    from robust_enc.checkpoint import CHECKPOINT_NAME, state_hash
 
     ckpt = source.checkpoint
     if ckpt is None:
         return Provenance(run_id=Path(source.weights).stem, model=source.model,
                           checkpoint_hash=state_hash(model.state_dict()),
-                          weight_sq_norm=sum(weight_norms(model).values()))
+                          weight_sq_norm=sum(weight_norms(model).values()), weights=Path(source.weights).name)
     metrics = ckpt.metrics or {}
     wsq = metrics.get("weight_sq_norm")
+    # A run's training checkpoint is "checkpoint" (retrained in place: its older rows are replaced); any other
+    # checkpoint file (RUN/exported.pt, a copy) is named, so its rows and the run's never replace each other.
+    name = Path(ckpt.path).name
     return Provenance(run_id=ckpt.run_id, model=ckpt.spec.name, regularizer=ckpt.spec.regularizer,
                       checkpoint_hash=ckpt.content_hash or state_hash(ckpt.state_dict),
                       train_top1=float(metrics.get("train_top1", math.nan)),
-                      weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()))
+                      weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()),
+                      weights="checkpoint" if name == CHECKPOINT_NAME else name)
 
 
 def evaluate(config: AttackConfig, *, max_batches: int | None = None,
@@ -244,7 +281,7 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *, attac
 
 
 def _count_batches(run: Evaluation, loader: Iterable, bar: Task, *, start: int, rank: int, world: int,
-                   max_batches: int | None, on_batch: OnBatch | None,
+                   max_batches: int | None, on_batch: OnBatch | None, watch: _CleanWatch,
                    save: Callable[[int], None] | None) -> BatchReport:
     """Count this session's batches (this rank's ``start``-th on), saving the progress after each; returns the last
     report (its ``stopped``: cut short by ``max_batches``)."""
@@ -259,6 +296,7 @@ def _count_batches(run: Evaluation, loader: Iterable, bar: Task, *, start: int, 
             break
         run.batch = rank + (start + j) * world
         if len(y):
+            watch.armed = True
             run.count_batch(x, y)  # ends on host reads of the counts, so CUDA work is finished when it returns
         session.compute_s += time.perf_counter() - arrived
         session.session_images += len(y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from robust_enc.cli.common import add_data_arguments, add_device_argument
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from robust_enc.checkpoint import ModelSource, state_hash
+    from robust_enc.checkpoint import CHECKPOINT_NAME, ModelSource, state_hash
     from robust_enc.data import build_dataset, build_loader
     from robust_enc.gbr import check_options, measure_gbr
     from robust_enc.io import write_text_atomic
@@ -53,10 +54,12 @@ def run(args: argparse.Namespace) -> int:
     ckpt = source.checkpoint
     if ckpt is not None:
         provenance = {"run_id": ckpt.run_id, "checkpoint": ckpt.path, "checkpoint_hash": ckpt.content_hash,
-                      "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer}
+                      "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer,
+                      "weights": "checkpoint" if Path(ckpt.path).name == CHECKPOINT_NAME else Path(ckpt.path).name}
     else:
         provenance = {"run_id": args.weights, "model": args.model, "regularizer": "baseline",
-                      "checkpoint_hash": state_hash(model.state_dict())}
+                      "checkpoint_hash": state_hash(model.state_dict()), "weights": Path(args.weights).name}
+    provenance.update(image_set=info.image_set, preprocessing=info.preprocessing, pixels=info.pixels)
     loader = build_loader(dataset, batch_size=args.batch_size, workers=args.workers)
     result = measure_gbr(model, loader, output=args.output, method=args.method, probes=args.probes, device=device,
                          train_mode=args.train_mode, seed=args.seed, max_exact_classes=args.max_exact_classes)

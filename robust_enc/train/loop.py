@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -247,19 +248,23 @@ def _train(config: TrainConfig, device: torch.device, ctx: D.DistContext, progre
                                             autocast=autocast, scaler=scaler, channels_last=config.channels_last,
                                             progress=_Shown(progress, batches),
                                             loss_limit=exploded_loss(train_info.num_classes))
-                # The last step's loss is taken before its update: that update can still leave inf/NaN weights.
-                if D.any_rank(not all_finite(net)):
-                    raise NonFiniteLoss(f"the weights became inf/NaN in the last step of epoch {epoch + 1} "
+                # The last step's loss is taken before its update: that update can still leave inf/NaN weights, or
+                # finite ones whose squared norm overflows (a run as diverged as the other).
+                if D.any_rank(not all_finite(net) or not math.isfinite(sum(weight_norms(net).values()))):
+                    raise NonFiniteLoss(f"the weights became inf/NaN (or their squared norm overflowed) in the last "
+                                        f"step of epoch {epoch + 1} (lr {lr:.4g})")
+                if ctx.distributed:  # evaluate (and save) rank 0's BN statistics on every rank
+                    for buffer in net.buffers():
+                        torch.distributed.broadcast(buffer, 0)
+                val = evaluate(net, val_loader, device=device, autocast=autocast, channels_last=config.channels_last,
+                               num_classes=train_info.num_classes)
+                if not math.isfinite(val["loss"]):  # the same on every rank: the loss is summed over them
+                    raise NonFiniteLoss(f"the validation loss became {val['loss']} after epoch {epoch + 1} "
                                         f"(lr {lr:.4g})")
             except NonFiniteLoss as err:
                 kept = f"the checkpoint of epoch {epoch} (the last good one) is kept" if epoch else "nothing was saved"
                 raise UserError(f"{err}; {kept} in {run_dir}; lower --lr or add --warmup-epochs and start a new run "
                                 "(another --run-id, or delete the folder)") from None
-            if ctx.distributed:  # evaluate (and save) rank 0's BN statistics on every rank
-                for buffer in net.buffers():
-                    torch.distributed.broadcast(buffer, 0)
-            val = evaluate(net, val_loader, device=device, autocast=autocast, channels_last=config.channels_last,
-                           num_classes=train_info.num_classes)
             last = epoch + 1 == config.epochs
             due = (epoch + 1) % config.gbr_every == 0 or last
             gbr, gbr_stderr = measure_probe_gbr(net, probe_loader if due else None, device)
