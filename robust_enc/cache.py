@@ -221,7 +221,7 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
                 time.sleep(1.0)
         else:
             _build_logged(folder, info, samples, workers)
-    meta = _read_meta(folder)
+    meta = read_meta(folder)
     if reason := stale_reason(folder, meta, full=verify):
         if world > 1:
             raise UserError(f"the decode cache {folder} is stale: {reason}; rebuild it with 'robust-enc cache "
@@ -229,14 +229,14 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
         log.warning("the decode cache %s is stale (%s): rebuilding it", folder, reason)
         shutil.rmtree(folder)
         _build_logged(folder, info, samples, workers)
-        meta = _read_meta(folder)
+        meta = read_meta(folder)
         if reason := stale_reason(folder, meta, full=True):  # the files change while being read
             raise UserError(f"the decode cache {folder} is stale right after its build ({reason}): are the images "
                             "being written to? Run again once they are not")
     return CachedImages(folder)
 
 
-def _read_meta(folder: Path) -> dict[str, Any]:
+def read_meta(folder: Path) -> dict[str, Any]:
     """meta.json of a cache this version wrote; a damaged one or another format is a UserError saying to delete it."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
