@@ -7,6 +7,10 @@ later runs memory-map it and finish with ``data.to_float``, so the tensors are b
 path. The key hashes the data set, the transform (with torchvision's and Pillow's versions, which decide the pixels)
 and the file list (paths, sizes, labels, order): change any and a new cache is built beside the old one.
 
+Never served stale: meta.json records each source file's size, mtime and sha256 and those of images.npy and
+labels.npy. Every use compares the sizes and mtimes (a stat per file) and hashes the bytes of any that changed;
+``robust-enc cache --verify`` hashes every byte. A stale or damaged cache is rebuilt (or refused under torchrun).
+
 The file is written incrementally, one DataLoader batch at a time, into a temporary folder renamed into place when
 complete: peak memory does not grow with the number of images, and a killed build leaves no half cache. Under
 torchrun the first process of each node builds it and the others wait for the rename.
@@ -160,6 +164,7 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         meta = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split, "size": kept,
                 "unreadable": unreadable, "transform": transform_description(height), "requested": len(samples),
                 "shape": [len(samples), 3, height, width], "images": fingerprint(tmp / "images.npy"),
+                "labels": fingerprint(tmp / "labels.npy"),
                 "sources": [[os.path.abspath(path), *print_] for (path, _), print_ in zip(samples, sources)]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if unreadable:
@@ -177,13 +182,13 @@ def stale_reason(folder: Path, meta: dict[str, Any], *, full: bool = False) -> s
     """Why the cache in ``folder`` may not be served ("" when it may): images.npy or a source file whose size or mtime
     changed and whose bytes no longer match the digest taken at build time. ``full``: check every byte (the digests of
     images.npy and of every source file) whatever their size and mtime say."""
-    images = folder / "images.npy"
-    stored = meta.get("images") or [-1, -1, ""]
-    now = fingerprint(images, with_digest=False)
-    if now[0] != stored[0]:
-        return f"images.npy has {now[0]} bytes, the cache wrote {stored[0]} (truncated or replaced)"
-    if (full or now[1] != stored[1]) and file_digest(images) != stored[2]:
-        return "images.npy's bytes changed since the cache was built"
+    for name in ("images", "labels"):
+        array, stored = folder / f"{name}.npy", meta.get(name) or [-1, -1, ""]
+        now = fingerprint(array, with_digest=False)
+        if now[0] != stored[0]:
+            return f"{array.name} has {now[0]} bytes, the cache wrote {stored[0]} (truncated or replaced)"
+        if (full or now[1] != stored[1]) and file_digest(array) != stored[2]:
+            return f"{array.name}'s bytes changed since the cache was built"
     for path, size, mtime, digest in meta.get("sources", []):
         now = fingerprint(path, with_digest=False)
         if now[0] != size:

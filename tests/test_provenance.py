@@ -376,6 +376,12 @@ def test_a_damaged_images_npy_is_rebuilt_and_verify_reads_every_byte(tmp_path, c
     with caplog.at_level(logging.WARNING):
         cached, fresh, _ = _cached_and_fresh(root, cache)
     assert "truncated" in caplog.text and torch.equal(cached, fresh)
+    labels = next(cache.iterdir()) / "labels.npy"
+    labels.write_bytes(labels.read_bytes()[:-8])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cached, fresh, _ = _cached_and_fresh(root, cache)
+    assert "labels.npy has" in caplog.text and torch.equal(cached, fresh)
 
 
 def test_attack_with_a_stale_cache_gives_the_fresh_decodes_rows(tmp_path, capsys):
