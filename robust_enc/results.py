@@ -154,9 +154,9 @@ class ResultRow:
         """Identity of a measurement: rows with the same key are duplicates of one another. The provenance is part of
         it: the model's bytes and which weights file, the exact image set and its preprocessing (not ``pixels``: the
         cache serves the decoded pixels bit for bit)."""
-        return (self.run_id, self.checkpoint_hash, self.weights, self.dataset, self.split, self.subset, self.image_set,
-                self.preprocessing, self.attack, self.norm, round(self.eps, 9), self.steps, round(self.step_size, 9),
-                self.restarts, self.seed)
+        return (self.run_id, self.checkpoint_hash, self.dataset, self.split, self.subset, self.attack, self.norm,
+                round(self.eps, 9), self.steps, round(self.step_size, 9), self.restarts, self.seed, self.weights,
+                self.image_set, self.preprocessing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

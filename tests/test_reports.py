@@ -386,9 +386,14 @@ def test_one_run_id_with_two_checkpoints_on_two_machines_is_a_conflict_not_two_s
 
 
 def test_append_results_replaces_the_rows_of_an_earlier_checkpoint(tmp_path):
+    """Rows of a run folder's checkpoint (weights "checkpoint"); other sources are never replaced by another hash's
+    (test_provenance)."""
+    def run_rows(*args) -> list[ResultRow]:
+        return [ResultRow(**{**r.to_dict(), "weights": "checkpoint"}) for r in _run_rows(*args)]
+
     path = tmp_path / "results.csv"
-    append_results(path, _run_rows("r-enc-s0", "old", 0.5) + _run_rows("r-enc-s1", "h1", 0.6))
-    append_results(path, _run_rows("r-enc-s0", "new", 0.7)[:1])
+    append_results(path, run_rows("r-enc-s0", "old", 0.5) + run_rows("r-enc-s1", "h1", 0.6))
+    append_results(path, run_rows("r-enc-s0", "new", 0.7)[:1])
     assert sorted((r.run_id, r.checkpoint_hash, r.attack) for r in read_results(path)) == [
         ("r-enc-s0", "new", "none"), ("r-enc-s1", "h1", "fgsm"), ("r-enc-s1", "h1", "none")]
 
