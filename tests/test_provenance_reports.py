@@ -7,6 +7,10 @@ Results files are written by hand (``ResultRow``), so every expected number is k
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +150,28 @@ def test_order_naming_no_row_is_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--order nosuch" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "report").exists()
     assert _report(tmp_path, tmp_path / "r.csv", extra=("--order", "enc"))[0] == 0
+
+
+# ------------------------------------------------------------------------------------------------ temp sweep
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_report_beside_a_users_old_tmp_folders_removes_only_its_own_dead_writers_temps(tmp_path, capsys):
+    """``report --out`` sweeps its folder's parent: a user's ``.x.XXXXXXXX.tmp`` folder, two days old, and a temp name
+    of an older robust-enc (pid but no marker) are not this run's to delete; a marked temp of a dead writer is."""
+    dead = _dead_pid()
+    users = [tmp_path / ".x.abcdefgh.tmp", tmp_path / f".report.{dead}.abcd1234.tmp"]
+    ours = tmp_path / f".report.robust-enc-{dead}-abcd1234.tmp"
+    for folder in (*users, ours):
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(folder, (two_days_ago, two_days_ago))
+    results = tmp_path / "inputs" / "r.csv"  # elsewhere: a process sweeps a folder once, at its first write there
+    write_results(results, _evaluation("tiny", n=450, subset=0, clean=0.9, adv=0.3))
+    assert _report(tmp_path, results)[0] == 0
+    assert all((folder / "keep.txt").read_text() == "mine" for folder in users)
+    assert not ours.exists()
