@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from robust_enc.checkpoint import save_checkpoint
 from robust_enc.cli import main
+from robust_enc.data import build_dataset
+from robust_enc.models import ModelSpec
+from robust_enc.regularizers import build_model
 from robust_enc.reports import load_inputs
-from robust_enc.results import ResultRow, write_results
+from robust_enc.results import ResultRow, read_results, write_results
 
+REPO = Path(__file__).resolve().parent.parent
 OLD, NEW = "2025-01-01T00:00:00+00:00", "2025-01-02T00:00:00+00:00"
 FGSM8 = f"adv:fgsm:linf:{8 / 255!r}"
 
@@ -175,3 +182,100 @@ def test_report_beside_a_users_old_tmp_folders_removes_only_its_own_dead_writers
     assert _report(tmp_path, results)[0] == 0
     assert all((folder / "keep.txt").read_text() == "mine" for folder in users)
     assert not ours.exists()
+
+
+# ------------------------------------------------------------------------------------------------ exit codes
+@pytest.fixture(scope="module")
+def flagged_run(tmp_path_factory) -> Path:
+    """A run folder whose model has all weights zero: constant logits, so every input gradient is zero and the
+    zero-gradient sanity check flags each attack. Its run id is rich markup, printed in the table and the panel."""
+    _, info = build_dataset("digits", "test")
+    spec = ModelSpec("resnet_tiny", info.num_classes, info.input_shape, info.mean, info.std)
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    folder = tmp_path_factory.mktemp("runs") / "zero"
+    save_checkpoint(folder / "checkpoint.pt", model, spec, run_id="[/red]zero", dataset_info=info)
+    return folder
+
+
+def test_attack_exits_3_on_sanity_flags_after_writing_its_rows_and_0_with_allow_flags(flagged_run, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "r.csv"
+    argv = ["attack", "--checkpoint", str(flagged_run), "--attack", "fgsm", "--eps", "8/255", "--subset", "20",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 3
+    captured = capsys.readouterr()
+    rows = read_results(out)  # written before the exit
+    assert [r.attack for r in rows] == ["none", "fgsm"] and "zero_gradient" in rows[1].flags
+    assert "[/red]zero on digits" in captured.out  # a run id that looks like markup is printed as it is
+    assert "[/red]zero fgsm" in captured.err and "exit 3" in captured.err and "--allow-flags" in captured.err
+    assert main([*argv, "--allow-flags"]) == 0
+    assert "exit 3" not in capsys.readouterr().err
+
+
+def test_reproduce_exits_3_when_its_results_hold_flags_and_prints_the_preset_text_literally(tmp_path, capsys):
+    preset = {"description": "[/bold] a tiny study", "model": "resnet_tiny", "dataset": "digits",
+              "rows": ["baseline"], "seeds": [0],
+              "train": {"epochs": 1, "batch_size": 32, "subset": 64, "val_subset": 32, "gbr_probe_size": 0},
+              "attack": {"attacks": ["fgsm"], "eps": ["8/255"], "subset": 20, "batch_size": 20}}
+    (tmp_path / "tiny.json").write_text(json.dumps(preset))
+    argv = ["reproduce", "--preset", str(tmp_path / "tiny.json"), "--out", str(tmp_path / "study"), "--device", "cpu"]
+    assert main([*argv, "--allow-flags"]) == 0
+    assert "[/bold] a tiny study" in capsys.readouterr().err
+    [results] = (tmp_path / "study" / "runs").glob("*/results.csv")
+    write_results(results, [ResultRow(**{**r.to_dict(), "flags": "zero_gradient=1.000" if r.attack == "fgsm" else ""})
+                            for r in read_results(results)])
+    assert main(argv) == 3  # everything is done already: the study only reports, and its flag exits 3
+    assert "zero_gradient=1.000" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ markup
+def test_run_ids_and_regularizers_that_look_like_markup_print_as_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")
+    write_results(tmp_path / "r.csv", _evaluation("[/red]", n=450, subset=0, clean=0.9, adv=0.3,
+                                                  regularizer="[/bold]"))
+    assert _report(tmp_path, tmp_path / "r.csv")[0] == 0
+    assert "[/bold]" in capsys.readouterr().out  # the regularizer column (one model: no label column)
+
+
+def test_the_progress_display_shows_markup_like_descriptions_as_text():
+    from robust_enc.runtime.progress import display, task
+
+    with display(show=True):
+        with task("attack [/red] (fgsm)", 2) as bar:
+            bar.update(advance=1, info="robust [/bold] 50%")
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM
+def test_sigterm_during_an_attack_is_one_line_exit_143_and_keeps_its_progress(flagged_run, tmp_path):
+    out = tmp_path / "stopped.csv"
+    command = [sys.executable, "-m", "robust_enc.cli", "attack", "--checkpoint", str(flagged_run), "--attack", "pgd",
+               "--eps", "8/255", "--steps", "10", "--batch-size", "10", "--subset", "200", "--device", "cpu",
+               "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def batches_done() -> int:
+        for path in tmp_path.glob("stopped.csv.progress.*.json"):
+            try:
+                return json.loads(path.read_text())["next_batch"]
+            except (OSError, ValueError):
+                return 0
+        return 0
+
+    deadline = time.monotonic() + 240
+    while process.poll() is None and batches_done() < 2:
+        assert time.monotonic() < deadline, "the attack never finished two batches"
+        time.sleep(0.01)
+    assert process.poll() is None, "the attack finished before it could be stopped: give it more batches"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("robust-enc:")]
+    assert lines == [f"robust-enc: stopped by SIGTERM; results written so far are kept in {out}; rerun the command "
+                     "to resume"], err[-2000:]
+    assert "Traceback" not in err
+    assert batches_done() >= 2  # the resume state is whole (its JSON reads) and keeps the finished batches
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
