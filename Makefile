@@ -17,8 +17,10 @@ data:
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 		|| echo "note: could not install dataset-fashion-mnist; its tests will be skipped"; fi
 
+# Exits 3 (so make fails) when a sanity check flags the results: `make demo DEMO_ARGS=--allow-flags` accepts them.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/robust-enc reproduce --preset quick --out $(OUT)
+	$(VENV)/bin/robust-enc reproduce --preset quick --out $(OUT) $(DEMO_ARGS)
 
 test: $(STAMP) data
 	$(VENV)/bin/ruff check --no-cache robust_enc tests benchmarks

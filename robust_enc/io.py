@@ -1,10 +1,12 @@
 """Atomic file writes: results, checkpoints and reports are never left half-written.
 
-A write goes to ``.NAME.<pid>.<random>.tmp`` beside its target and is renamed into place. A writer killed in between
-(kill -9, power loss) leaves that file behind; the first write of a later process into the folder removes the temp
-files whose writer is gone (its pid no longer runs on this machine) or that are older than a day (pids get reused).
-The pid is judged on this machine: on a file system shared by several machines, don't write into one folder from
-two of them at once (the file lock of ``locked`` is per machine too on many network file systems)."""
+A write goes to ``.NAME.robust-enc-<pid>-<random>.tmp`` beside its target and is renamed into place. A writer killed
+in between (kill -9, power loss) leaves that file behind; the first write of a later process into the folder removes
+the temp files that carry this marker and whose writer is gone (its pid no longer runs on this machine). Nothing else
+is ever removed: not a user's own ``.x.tmp`` folder, however old, nor a temp file whose pid runs again (pids get
+reused: it stays until that process ends). The pid is judged on this machine: on a file system shared by several
+machines, don't write into one folder from two of them at once (the file lock of ``locked`` is per machine too on
+many network file systems)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import IO, TypeVar
 
 T = TypeVar("T")
 
-STALE_AFTER_S = 24 * 3600
-_TEMP_NAME = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's 8-character random part
+TEMP_MARKER = "robust-enc"  # in every temp name this suite writes, with the writer's pid
+_TEMP_NAME = re.compile(rf"^\..+\.{TEMP_MARKER}-(\d+)-[a-z0-9_]{{8}}\.tmp$")  # mkstemp's 8-character random part
 _swept: set[Path] = set()  # folders this process has swept already
 
 
@@ -46,25 +47,26 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def temp_prefix(name: str) -> str:
+    """The start of a temp name for ``name`` (``mkstemp``/``mkdtemp`` add the random part and ``.tmp``): hidden, and
+    marked as this suite's with this process's pid, so that ``sweep_stale_temps`` can tell it from anyone else's."""
+    return f".{name}.{TEMP_MARKER}-{os.getpid()}-"
+
+
 def sweep_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temp files (and temp report folders) of dead writers in ``folder``; return what was removed.
-    Names without a pid (written by robust-enc before pids were recorded) go by age alone."""
+    """Remove the temp files (and temp report folders) of dead writers in ``folder``: names that carry this suite's
+    marker (``temp_prefix``) and a pid that no longer runs. Returns what was removed."""
     removed = []
     try:
         entries = list(folder.iterdir())
     except OSError:
         return removed
-    now = time.time()
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
         if not match:
             continue
-        try:
-            old = now - entry.lstat().st_mtime > STALE_AFTER_S
-        except OSError:  # gone meanwhile: its writer finished
-            continue
-        pid = int(match.group(1)) if match.group(1) else None
-        if pid == os.getpid() or not (old or (pid is not None and not _pid_running(pid))):
+        pid = int(match.group(1))
+        if pid == os.getpid() or _pid_running(pid):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -86,7 +88,7 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], *, binary: bool 
     """Call ``write(f)`` on a temporary file in the target folder, fsync, then rename over ``path``."""
     path = Path(path)
     _prepare_folder(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
@@ -107,18 +109,24 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def replace_folder_atomic(folder: str | Path, fill: Callable[[Path], T]) -> T:
     """Call ``fill(tmp)`` on a fresh temporary folder beside ``folder``, then put it in ``folder``'s place; an error
     (a full disk, ...) leaves the previous ``folder`` as it was and no temporary folder behind. The swap is two renames:
-    a kill between them leaves both under temp names (``.NAME.<pid>.<random>.tmp``)."""
+    an exception between them (SIGTERM) puts the previous folder back; a kill -9 leaves both under temp names."""
     folder = Path(folder)
     _prepare_folder(folder.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=folder.parent))
     try:
         os.chmod(tmp, _DIR_MODE)
         result = fill(tmp)
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
-            os.replace(folder, old)  # an empty folder is replaced by rename
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=folder.parent))
+            try:
+                os.replace(folder, old)  # an empty folder is replaced by rename
+                os.replace(tmp, folder)
+            except BaseException:
+                if not folder.exists():  # stopped between the renames: the previous folder goes back
+                    os.replace(old, folder)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
     except BaseException:

@@ -310,17 +310,19 @@ def _dead_pid() -> int:
 
 def test_stale_temp_files_of_dead_writers_are_swept_on_the_next_write(tmp_path):
     dead, alive = _dead_pid(), os.getppid()
-    stale = [tmp_path / f".results.csv.{dead}.abcd1234.tmp", tmp_path / f".checkpoint.pt.{dead}.x_9y8z7w.tmp"]
-    old_legacy = tmp_path / ".results.csv.k3j4h5g6.tmp"  # written before pids were recorded, two days old
-    kept = [tmp_path / f".results.csv.{alive}.abcd1234.tmp", tmp_path / ".metrics.csv.q1w2e3r4.tmp",
-            tmp_path / "results.csv.tmp", tmp_path / "notes.txt"]
-    report_tmp = tmp_path / f".report.{dead}.zzzz1111.tmp"
+    stale = [tmp_path / f".results.csv.robust-enc-{dead}-abcd1234.tmp",
+             tmp_path / f".checkpoint.pt.robust-enc-{dead}-x_9y8z7w.tmp"]
+    # Only names with the suite's marker and a dead pid go: not a live writer's, not an unmarked one however old.
+    old_unmarked = tmp_path / ".results.csv.k3j4h5g6.tmp"
+    kept = [tmp_path / f".results.csv.robust-enc-{alive}-abcd1234.tmp", tmp_path / ".metrics.csv.q1w2e3r4.tmp",
+            tmp_path / "results.csv.tmp", tmp_path / "notes.txt", old_unmarked]
+    report_tmp = tmp_path / f".report.robust-enc-{dead}-zzzz1111.tmp"
     report_tmp.mkdir()
     (report_tmp / "index.md").write_text("half")
-    for path in [*stale, old_legacy, *kept]:
+    for path in [*stale, *kept]:
         path.write_text("x")
     two_days_ago = time.time() - 2 * 86400
-    os.utime(old_legacy, (two_days_ago, two_days_ago))
+    os.utime(old_unmarked, (two_days_ago, two_days_ago))
     write_text_atomic(tmp_path / "config.json", "{}")  # the first write of this process into the folder sweeps
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in kept), "config.json"])
     assert sweep_stale_temps(tmp_path) == []

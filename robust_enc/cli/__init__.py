@@ -1,16 +1,22 @@
 """``robust-enc`` command line. Each subcommand is a module of this package with ``add_arguments(parser)`` +
 ``run(args) -> int`` that parses arguments into a stage's config, calls the stage and renders what it returns; this
-module only wires them up, sets up logging and turns user errors into one line on stderr."""
+module only wires them up, sets up logging and turns user errors, Ctrl-C and SIGTERM into one line on stderr and the
+exit codes of ``cli.common`` (0 ok, 2 user error, 3 sanity flags, 130 Ctrl-C, 143 SIGTERM). A command that writes
+results sets ``args.kept_in`` (where they go) for that line."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
+from robust_enc.cli.common import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR
 from robust_enc.errors import UserError
 
 # subcommand -> (module with add_arguments/run, one-line help). Modules are imported lazily: --help stays fast.
@@ -67,15 +73,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program is, as Ctrl-C is: the same clean-ups run (a temp file removed, a report
+    folder swap undone), so nothing is left half-written."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def stop(signum: int, frame: object) -> NoReturn:
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(err: KeyboardInterrupt, args: argparse.Namespace | None) -> int:
+    kept_in = getattr(args, "kept_in", "")
+    where = f" in {kept_in}" if kept_in else ""
+    if isinstance(err, Terminated):
+        print(f"robust-enc: stopped by SIGTERM; results written so far are kept{where}; rerun the command to resume",
+              file=sys.stderr)
+        return EXIT_SIGTERM
+    print(f"robust-enc: interrupted; finished results are kept{where}, rerun to resume", file=sys.stderr)
+    return EXIT_SIGINT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_raises():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(_attach_dashed_values(argv))
         if not args.command:
             parser.print_help()
-            return 2
+            return EXIT_USER_ERROR
         from robust_enc.runtime.distributed import is_main_process
         from robust_enc.runtime.progress import display, setup_logging
 
@@ -88,15 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"robust-enc: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except OSError as err:  # a path the user gave that cannot be read or written (a file where a folder must be, ...)
         if debug:
             raise
         print(f"robust-enc: error: {err}; check the paths given (--debug shows where)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("robust-enc: interrupted; finished results are kept, rerun to resume", file=sys.stderr)
-        return 130
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        return _stopped(err, args)
     finally:
         if "torch.distributed" in sys.modules:  # never import torch just to find nothing to leave
             from robust_enc.runtime.distributed import cleanup

@@ -9,7 +9,14 @@ from robust_enc.attacks.checks import flag_lines
 from robust_enc.attacks.config import AttackConfig, BatchReport
 from robust_enc.attacks.evaluation import evaluate, results_path
 from robust_enc.attacks.registry import ATTACKS, parse_attacks
-from robust_enc.cli.common import add_data_arguments, add_device_argument, add_file_data_arguments, print_flags
+from robust_enc.cli.common import (
+    EXIT_OK,
+    add_allow_flags_argument,
+    add_data_arguments,
+    add_device_argument,
+    add_file_data_arguments,
+    print_flags,
+)
 from robust_enc.results import ResultRow, parse_eps
 
 
@@ -41,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     threat.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="results file .csv/.json (default <run>/results.csv)")
     parser.add_argument("--gbr", action="store_true", help="attach the model's GBR measured on the same examples")
+    add_allow_flags_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> AttackConfig:
@@ -53,35 +61,39 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
         random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr)
 
 
-def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None) -> None:
+def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None, *, allow_flags: bool = False) -> int:
+    """The rows as a table, the flag panel and where the rows went; returns the exit code (``print_flags``)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     names = max(len(r.attack) for r in rows)
-    table = Table(title=f"{rows[0].run_id} on {rows[0].dataset} ({rows[0].split}, n={rows[0].n})")
+    table = Table(title=escape(f"{rows[0].run_id} on {rows[0].dataset} ({rows[0].split}, n={rows[0].n})"))
     for column in ("attack", "norm", "eps", "steps", "clean top-1", "adv top-1", "adv top-5", "img/s", "checks"):
         # attack names whole: a narrow terminal would otherwise cut apgd-ce and apgd-dlr both to "apgd-…"
         table.add_column(column, justify="left" if column in ("attack", "norm", "checks") else "right",
                          no_wrap=column == "attack", min_width=names if column == "attack" else None)
     for r in rows:
         eps = f"{r.eps * 255:.3g}/255" if r.norm == "linf" else f"{r.eps:.3g}"
-        table.add_row(r.attack, r.norm, eps, str(r.steps or ""), f"{r.clean_top1:.2%}", f"{r.adv_top1:.2%}",
+        table.add_row(escape(r.attack), r.norm, eps, str(r.steps or ""), f"{r.clean_top1:.2%}", f"{r.adv_top1:.2%}",
                       "" if math.isnan(r.adv_top5) else f"{r.adv_top5:.2%}", f"{r.images_per_s:,.0f}",
                       "[red]FAIL[/red]" if r.flags else "ok")
     console.print(table)
-    print_flags(flag_lines(rows))
+    code = print_flags(flag_lines(rows), allow=allow_flags)
     if timing is not None:
-        console.print(timing.time_split())
-    console.print(f"results appended to {out}")
+        console.print(timing.time_split(), markup=False)
+    console.print(f"results appended to {out}", markup=False)
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
     from robust_enc.runtime.distributed import is_main_process
 
     config = config_from_args(args)
+    args.kept_in = str(results_path(config))
     last: dict[str, BatchReport] = {}  # the last batch's report says where the time went
     rows = evaluate(config, on_batch=lambda report: last.update(report=report))
     if rows and is_main_process():
-        _show(rows, str(results_path(config)), last.get("report"))
-    return 0
+        return _show(rows, args.kept_in, last.get("report"), allow_flags=args.allow_flags)
+    return EXIT_OK

@@ -1,8 +1,17 @@
-"""What several subcommands share: the data, image-file and device options, and the panel of sanity flags."""
+"""What several subcommands share: the data, image-file and device options, the panel of sanity flags and the exit
+codes."""
 
 from __future__ import annotations
 
 import argparse
+
+# Exit codes of every command (README lists them): a CI job can tell a wrong command line from a model that failed
+# its sanity checks.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2  # bad input: one line on stderr
+EXIT_FLAGS = 3  # a sanity check flagged the results (all written); --allow-flags accepts them
+EXIT_SIGINT = 130  # Ctrl-C: finished results kept
+EXIT_SIGTERM = 143  # SIGTERM: finished results kept, one line says where
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, default_dataset: str | None = "digits") -> None:
@@ -29,14 +38,27 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
 
-def print_flags(lines: list[str]) -> None:
-    """One panel of every sanity flag (stderr), or one green line when none fired."""
+def add_allow_flags_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-flags", action="store_true",
+                        help=f"exit 0 when sanity checks flag the results (default: exit {EXIT_FLAGS})")
+
+
+def print_flags(lines: list[str], *, allow: bool = False) -> int:
+    """One panel of every sanity flag (stderr), or one green line when none fired; returns the exit code: EXIT_FLAGS
+    when a flag fired, unless ``allow``."""
     from rich.console import Console
     from rich.panel import Panel
+    from rich.text import Text
 
     console = Console(stderr=True)
-    if lines:
-        console.print(Panel("\n".join(lines), title=f"sanity checks: {len(lines)} flags (see the rows' flags column)",
-                            border_style="red"))
-    else:
+    if not lines:
         console.print("[green]sanity checks: no flag[/green]")
+        return EXIT_OK
+    # Text, not markup: a flag line holds the run id, the user's text ("[/red]" is a name, not a tag)
+    console.print(Panel(Text("\n".join(lines)), title=f"sanity checks: {len(lines)} flags (see the rows' flags "
+                        "column)", border_style="red"))
+    if allow:
+        return EXIT_OK
+    console.print(Text(f"exit {EXIT_FLAGS}: the results are written, but sanity checks flagged them; pass "
+                       "--allow-flags to accept them"))
+    return EXIT_FLAGS

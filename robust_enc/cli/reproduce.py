@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from robust_enc.cli.common import print_flags
+from robust_enc.cli.common import EXIT_OK, add_allow_flags_argument, print_flags
 from robust_enc.errors import UserError
 from robust_enc.reproduce import PRESET_NAMES
 
@@ -22,12 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="folder holding the data set files")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    add_allow_flags_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from rich.console import Console
+    from rich.markup import escape
 
     from robust_enc.reports.render import rich_table
     from robust_enc.reports.threats import select_threats, threat_columns
@@ -47,21 +49,23 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--rows {missing} are not rows of preset {preset.name}: {', '.join(preset.rows)}")
         preset = dataclasses.replace(preset, rows=rows)
     out = args.out or Path("reports") / preset.name
+    args.kept_in = str(out)
     pairs = plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)  # bad settings fail first
     sweep_plan(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs)
     if is_main_process():
-        Console(stderr=True).print(f"[bold]robust-enc reproduce[/] preset [cyan]{preset.name}[/]: {preset.description}")
+        Console(stderr=True).print(f"[bold]robust-enc reproduce[/] preset [cyan]{escape(preset.name)}[/]: "
+                                   f"{escape(preset.description)}")
     report, written = reproduce(preset, out, device=args.device, data_dir=args.data_dir, epochs=args.epochs,
                                 workers=args.workers)
     if report is None:  # not rank 0: that one prints
-        return 0
+        return EXIT_OK
     # The terminal gets the paper's view: FGSM (Table 3's attack) at every eps; the report has every attack.
     fgsm = any(t.attack == "fgsm" for _, t in threat_columns(report.full_table3))
     view = select_threats(report.full_table3, attack="fgsm") if fgsm else report.tables["table3"]
-    Console(width=None if sys.stdout.isatty() else 200).print(
+    # markup off: run ids and regularizers are the user's text ("[/red]" is a name, not a tag)
+    Console(width=None if sys.stdout.isatty() else 200, markup=False).print(
         rich_table(view, "table3", f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), "
                                    "difference to the baseline, GBR"))
     print(f"report: {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
           f"plots: {out / 'report' / 'plots'})")
-    print_flags(sanity_flags(pairs))  # one panel for the whole study
-    return 0
+    return print_flags(sanity_flags(pairs), allow=args.allow_flags)  # one panel for the whole study

@@ -95,10 +95,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from robust_enc.runtime.distributed import is_main_process
+    from robust_enc.train.config import resolve_config
     from robust_enc.train.loop import train
 
-    run_dir = train(config_from_args(args))
+    config = resolve_config(config_from_args(args))  # the run id, for the line a SIGTERM prints
+    args.kept_in = str(Path(config.out_dir) / config.run_id)
+    run_dir = train(config)
     if is_main_process():
         card = json.loads((run_dir / "model_card.json").read_text())
         top1, gbr = card.get("val_top1"), card.get("gbr")

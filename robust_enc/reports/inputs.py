@@ -1,5 +1,11 @@
 """A report's inputs: results files and run folders (from several machines) read, rows of replaced checkpoints left
-out, duplicate rows merged, missing run values filled from model cards."""
+out, duplicate rows merged, one image set kept per model and threat, missing run values filled from model cards.
+
+A number is only averaged or compared with numbers of the same provenance: the same trained model (run id + checkpoint
+hash) and the same images (``image_set_id``). Rows of one model and threat measured on several image sets (``attack
+--subset 30``, then ``attack`` on the whole split, into one results file) are never averaged: the largest image set is
+kept and the others are named in a note. Models compared on different image sets (a baseline on 30 images, ENC on
+450) are kept, and said so in a note and in ``ReportInputs.mixed``."""
 
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ class RunFolder:
 
 @dataclass
 class Conflict:
-    """Rows with one key but different measurements; ``kept`` is the newest by created_at."""
+    """Rows of one measurement (``measurement_key``: same model, image set, threat and seed) but with different
+    numbers; ``kept`` is the newest by created_at."""
     key: tuple
     kept: ResultRow
     dropped: list[ResultRow]
@@ -53,9 +60,18 @@ class Conflict:
             return (f"adv_top1={r.adv_top1:.4f} clean_top1={r.clean_top1:.4f} gbr={r.gbr:.6g} n={r.n} "
                     f"({r.created_at})")
 
-        run_id, _, dataset, _, _, attack, norm, eps = self.key[:8]
-        return (f"{run_id} {dataset} {attack} {norm} eps={eps:.6g}: kept {short(self.kept)}; dropped "
-                + "; ".join(short(r) for r in self.dropped))
+        r = self.kept
+        return (f"{r.run_id} {r.dataset} {r.attack} {r.norm} eps={r.eps:.6g} on {describe_image_set(r)}: kept "
+                f"{short(r)}; dropped " + "; ".join(short(d) for d in self.dropped))
+
+
+@dataclass
+class MixedImageSets:
+    """Models of one data set compared at ``threats`` while measured on different image sets: run id -> the image
+    set its numbers come from (``describe_image_set``). Their differences mix a model effect with an image effect."""
+    dataset: str
+    threats: list[str]  # threat labels, e.g. "clean", "fgsm linf 8/255"
+    image_sets: dict[str, str]
 
 
 @dataclass
@@ -65,7 +81,8 @@ class ReportInputs:
     conflicts: list[Conflict]
     sources: list[Path]  # the results files read
     rows_read: int = 0  # before merging
-    notes: list[str] = field(default_factory=list)  # rows of earlier checkpoints left out, checkpoint conflicts
+    notes: list[str] = field(default_factory=list)  # rows of earlier checkpoints or smaller image sets left out, ...
+    mixed: list[MixedImageSets] = field(default_factory=list)  # comparisons across different image sets
 
 
 def _created(row: ResultRow) -> datetime:
@@ -83,13 +100,54 @@ def _same_measurement(a: ResultRow, b: ResultRow) -> bool:
     return all(equal(float(getattr(a, f)), float(getattr(b, f))) for f in MEASURED)
 
 
+def image_set_id(row: ResultRow) -> str:
+    """The identity of the images a row was measured on: its recorded digest and preprocessing; for rows written
+    before digests were recorded (empty ``image_set``), data set, split, requested subset and image count. A recorded
+    and an unrecorded image set are never taken for one another."""
+    if row.image_set:
+        return f"digest {row.image_set} | {row.preprocessing}"
+    return f"unrecorded | {row.dataset} | {row.split} | subset {row.subset} | n {row.n}"
+
+
+def describe_image_set(row: ResultRow) -> str:
+    """The image set of a row for a reader: "450 images of digits/test", "30 images of digits/test (subset 30)",
+    with the start of its digest where recorded."""
+    details = ([f"subset {row.subset}"] if row.subset else []) + ([f"image set {row.image_set[:12]}"]
+                                                                 if row.image_set else [])
+    return f"{row.n} images of {row.dataset}/{row.split}" + (f" ({', '.join(details)})" if details else "")
+
+
+def provenance_key(row: ResultRow) -> tuple:
+    """One trained model (as ``tables.REPLICATE`` groups): data set, model, regularizer, run id, checkpoint hash."""
+    return (row.dataset, row.model, row.regularizer, row.run_id, row.checkpoint_hash)
+
+
+def threat_key(row: ResultRow) -> tuple:
+    """The threat a row measures (the clean row is attack "none"), without the attack's seed: rows of several seeds
+    on one image set are repeats, averaged by the tables."""
+    return (row.attack, row.norm, round(row.eps, 9), row.steps, round(row.step_size, 9), row.restarts)
+
+
+def threat_label(row: ResultRow) -> str:
+    if row.attack == "none":
+        return "clean"
+    eps = f"{row.eps * 255:.4g}/255" if row.norm == "linf" else f"{row.eps:.4g}"
+    steps = f" ({row.steps} steps)" if row.steps else ""
+    return f"{row.attack} {row.norm} {eps}{steps}"
+
+
+def measurement_key(row: ResultRow) -> tuple:
+    """Rows with one measurement key are duplicates of one another: same model, image set, threat and attack seed."""
+    return (*provenance_key(row), image_set_id(row), *threat_key(row), row.seed)
+
+
 def merge_rows(rows: Iterable[ResultRow]) -> tuple[list[ResultRow], list[Conflict]]:
-    """One row per ``ResultRow.key()``: exact duplicates (same measurements, e.g. a file copied from another machine)
-    collapse silently; conflicting ones (same key, different accuracies) keep the newest by created_at (the later
-    one read on a tie) and are returned as Conflicts. Order: first appearance of each key."""
+    """One row per ``measurement_key``: exact duplicates (same measurements, e.g. a file copied from another machine)
+    collapse silently; conflicting ones (same model, image set and threat, different numbers) keep the newest by
+    created_at (the later one read on a tie) and are returned as Conflicts. Order: first appearance of each key."""
     by_key: dict[tuple, list[ResultRow]] = {}
     for row in rows:
-        by_key.setdefault(row.key(), []).append(row)
+        by_key.setdefault(measurement_key(row), []).append(row)
     merged, conflicts = [], []
     for key, group in by_key.items():
         # max() keeps the first of equal stamps: reverse so that a tie goes to the row read last
@@ -145,15 +203,95 @@ def keep_current_checkpoints(inputs: Sequence[tuple[str, list[ResultRow], dict[s
     return kept_rows, notes
 
 
+def _model_name(key: tuple) -> str:
+    dataset, _, _, run_id, checkpoint_hash = key
+    return f"{run_id} ({dataset}{f', checkpoint {checkpoint_hash}' if checkpoint_hash else ''})"
+
+
+def keep_one_image_set(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], list[str]]:
+    """Per trained model and threat, the rows of one image set: the largest (most images; a tie goes to the newest
+    measurement, then to the one read last), so a number is never the mean of different images. Returns the rows
+    kept (in their order) and a note per model and image set left out. A clean row left out is not named when rows of
+    its image set are kept: it is the clean pass of an evaluation whose threats stay in the report (AutoAttack on a
+    subset), and the model's clean accuracy comes from its largest image set."""
+    sets: dict[tuple, dict[str, list[ResultRow]]] = {}  # (model, threat) -> image set -> rows
+    for row in rows:
+        sets.setdefault((provenance_key(row), threat_key(row)), {}).setdefault(image_set_id(row), []).append(row)
+    chosen: dict[tuple, str] = {}
+    for key, by_set in sets.items():
+        order = list(reversed(by_set))  # max() keeps the first of equals: a full tie goes to the set read last
+        chosen[key] = max(order, key=lambda s: (max(r.n for r in by_set[s]), max(_created(r) for r in by_set[s])))
+    kept = [r for r in rows if chosen[provenance_key(r), threat_key(r)] == image_set_id(r)]
+    used = {(provenance_key(r), image_set_id(r)) for r in kept}
+    left_out: dict[tuple, list[ResultRow]] = {}  # (model, image set left out, image set kept) -> rows
+    for (model, threat), by_set in sets.items():
+        best = chosen[model, threat]
+        for image_set, group in by_set.items():
+            clean_companion = threat[0] == "none" and (model, image_set) in used
+            if image_set != best and not clean_companion:
+                left_out.setdefault((model, image_set, best), []).extend(group)
+    notes = []
+    for (model, _, best), group in left_out.items():
+        best_row = next(r for r in kept if provenance_key(r) == model and image_set_id(r) == best)
+        threats = ", ".join(dict.fromkeys(threat_label(r) for r in group))
+        notes.append(f"{_model_name(model)}: {threats} measured on {describe_image_set(group[0])} left out: a "
+                     f"model's threat is reported on one image set, its largest ({describe_image_set(best_row)}), "
+                     "never averaged over different images")
+    return kept, notes
+
+
+def find_mixed_image_sets(rows: Sequence[ResultRow]) -> list[MixedImageSets]:
+    """Per data set, the threats at which models (run ids) were measured on different image sets, grouped by who was
+    measured on what. Expects one image set per model and threat (``keep_one_image_set``)."""
+    by_threat: dict[tuple[str, tuple], dict[str, ResultRow]] = {}  # (data set, threat) -> run id -> row
+    for row in rows:
+        by_threat.setdefault((row.dataset, threat_key(row)), {}).setdefault(row.run_id, row)
+    grouped: dict[tuple, MixedImageSets] = {}
+    for (dataset, _), by_run in by_threat.items():
+        if len({image_set_id(r) for r in by_run.values()}) < 2:
+            continue
+        image_sets = {run_id: describe_image_set(r) for run_id, r in sorted(by_run.items())}
+        label = threat_label(next(iter(by_run.values())))
+        entry = grouped.setdefault((dataset, tuple(image_sets.items())), MixedImageSets(dataset, [], image_sets))
+        entry.threats.append(label)
+    return list(grouped.values())
+
+
+def _mixed_note(mixed: MixedImageSets) -> str:
+    members = "; ".join(f"{run_id} on {image_set}" for run_id, image_set in mixed.image_sets.items())
+    return (f"{mixed.dataset}: {', '.join(mixed.threats)} compare models measured on different image sets ({members}): "
+            "their differences mix the models with the images; evaluate them on the same images to compare them")
+
+
 def _is_run_folder(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_FILES)
 
 
-def find_run_folders(root: Path) -> list[Path]:
-    """``root`` itself when it is a run folder, and every run folder below it (sorted; hidden folders skipped)."""
+def find_run_folders(root: Path, notes: list[str] | None = None) -> list[Path]:
+    """``root`` itself when it is a run folder, and every run folder below it (sorted; hidden folders skipped).
+
+    Links to folders are followed (a study's runs linked in from elsewhere are runs of it); a folder reached a second
+    time (a link back up the tree, or a second path to one run) is searched once, and links that point nowhere are
+    skipped: both are named in ``notes``, so no run is left out unsaid."""
     found = []
-    for folder, subfolders, _ in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+    seen = {os.path.realpath(root)}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        searched = []
+        for name in sorted(d for d in subfolders if not d.startswith(".")):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real in seen:
+                if notes is not None:
+                    notes.append(f"{path}: the folder {real} was searched already (a link loop, or a second path to "
+                                 "it): read once")
+                continue
+            seen.add(real)
+            searched.append(name)
+        subfolders[:] = searched
+        for name in files:  # os.walk lists a link to nothing among the files
+            path = os.path.join(folder, name)
+            if notes is not None and os.path.islink(path) and not os.path.exists(path):
+                notes.append(f"{path}: a link to {os.readlink(path)}, which does not exist: skipped")
         if _is_run_folder(Path(folder)):
             found.append(Path(folder))
     return found
@@ -214,15 +352,18 @@ def _fill_from_cards(rows: list[ResultRow], runs: list[RunFolder]) -> list[Resul
 
 def load_inputs(inputs: Sequence[str | Path]) -> ReportInputs:
     """Read results files (.csv / .json) and run folders (a folder -> its results, metrics.csv and model card; a
-    folder of run folders -> each of them, recursively); merge duplicate rows (see ``merge_rows``)."""
+    folder of run folders -> each of them, recursively, links followed); keep each run's current checkpoint
+    (``keep_current_checkpoints``), merge duplicate rows (``merge_rows``) and keep one image set per model and threat
+    (``keep_one_image_set``); comparisons across image sets are noted (``find_mixed_image_sets``)."""
     if not inputs:
         raise UserError("no results given: pass results files (.csv/.json) or run folders")
     read: list[tuple[str, list[ResultRow], dict[str, str]]] = []  # (input, rows, run id -> card's checkpoint hash)
     runs: list[RunFolder] = []
     sources: list[Path] = []
+    notes: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            folders = find_run_folders(item)
+            folders = find_run_folders(item, notes)
             if not folders:
                 raise UserError(f"{item}: no run folder (with {', '.join(RUN_FILES)}) in it or below it")
         elif item.is_file() and item.name in (METRICS_FILE, CARD_FILE):
@@ -243,14 +384,18 @@ def load_inputs(inputs: Sequence[str | Path]) -> ReportInputs:
             card_hash = str(run.card.get("checkpoint_hash") or "")
             read.append((str(folder), folder_rows, {run.run_id: card_hash} if card_hash else {}))
             sources += folder_sources
-    rows, notes = keep_current_checkpoints(read)
-    for note in notes:
-        log.warning(note)
+    rows, checkpoint_notes = keep_current_checkpoints(read)
+    notes += checkpoint_notes
     merged, conflicts = merge_rows(rows)
     for conflict in conflicts:
         log.warning("conflicting results for one measurement: %s", conflict.describe())
+    merged, image_set_notes = keep_one_image_set(merged)
+    mixed = find_mixed_image_sets(merged)
+    notes += image_set_notes + [_mixed_note(m) for m in mixed]
+    for note in notes:
+        log.warning(note)
     return ReportInputs(_fill_from_cards(merged, runs), runs, conflicts, sources,
-                        rows_read=sum(len(rows) for _, rows, _ in read), notes=notes)
+                        rows_read=sum(len(rows) for _, rows, _ in read), notes=notes, mixed=mixed)
 
 
 def runs_frame(runs: Sequence[RunFolder], relative_to: Path | None = None) -> pd.DataFrame:

@@ -101,7 +101,10 @@ class Task:
         self.done_before = completed  # resumed work: not counted in the rate
         self._bar = None
         if _bars is not None:
-            self._bar = _bars.add_task("  " * self.depth + description, total=total, completed=completed, info="")
+            from rich.markup import escape  # descriptions hold run ids: the user's text, not markup
+
+            self._bar = _bars.add_task("  " * self.depth + escape(description), total=total, completed=completed,
+                                       info="")
 
     def update(self, *, advance: int = 0, completed: int | None = None, info: str | None = None) -> None:
         """Count ``advance`` more (or set ``completed``) and replace the task's text (``info``)."""
@@ -109,7 +112,9 @@ class Task:
         if info is not None:
             self.info = info
         if self._bar is not None and _bars is not None:
-            _bars.update(self._bar, completed=self.completed, info=self.info)
+            from rich.markup import escape
+
+            _bars.update(self._bar, completed=self.completed, info=escape(self.info))
             return
         now = time.monotonic()
         if now - self.last_line >= LINE_EVERY_S:
