@@ -5,7 +5,6 @@ run folders."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from robust_enc.reports import DEFAULT_FORMATS, TABLES, check_formats, check_out_dir, make_report, write_report
@@ -33,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.text import Text
 
-    from robust_enc.reports.render import rich_table
+    from robust_enc.reports.terminal import make_console, print_table3
 
     formats = check_formats(args.format.split(","))  # a typo or a bad --out fails before anything is read
     check_out_dir(args.out)
@@ -44,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     report = make_report(args.results, baseline=args.baseline, attack=args.attack, eps=eps, link_base=args.out,
                          order=order)
     written = write_report(report, args.out, formats)
-    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe or log keeps the whole table
-    console.print(rich_table(report.tables["table3"], "table3", TABLES["table3"]))
-    console.print(f"report written to {args.out} ({len(written)} files): {written['index.md']}", soft_wrap=True)
+    console = make_console()  # COLUMNS, else the terminal's width; the tables fit it, the files hold them whole
+    print_table3(report.tables["table3"], TABLES["table3"], console)
+    console.print(Text(f"report written to {args.out} ({len(written)} files): {written['index.md']}, "
+                       f"{written['index.html']}"), soft_wrap=True)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from robust_enc.cli.common import print_flags
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from robust_enc.reports.render import rich_table
+    from robust_enc.reports.terminal import print_table3
     from robust_enc.reports.threats import select_threats, threat_columns
     from robust_enc.reproduce import load_preset, plan, reproduce, sanity_flags, sweep_plan
     from robust_enc.runtime.distributed import is_main_process
@@ -58,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
     # The terminal gets the paper's view: FGSM (Table 3's attack) at every eps; the report has every attack.
     fgsm = any(t.attack == "fgsm" for _, t in threat_columns(report.full_table3))
     view = select_threats(report.full_table3, attack="fgsm") if fgsm else report.tables["table3"]
-    Console(width=None if sys.stdout.isatty() else 200).print(
-        rich_table(view, "table3", f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), "
-                                   "difference to the baseline, GBR"))
-    print(f"report: {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
+    print_table3(view, f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), difference to the "
+                       "baseline, GBR")  # fits the terminal (COLUMNS); the files hold the whole table
+    print(f"report: {written['index.html']}, {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
           f"plots: {out / 'report' / 'plots'})")
     print_flags(sanity_flags(pairs))  # one panel for the whole study
     return 0

@@ -409,27 +409,3 @@ def correlation(table: pd.DataFrame) -> pd.DataFrame:
     if len(table):
         notes.append(multiple_comparisons_note(tested))
     return with_notes(table, notes)
-
-
-def accuracy_vs_eps(table: pd.DataFrame) -> pd.DataFrame:
-    """Long form for the accuracy-vs-eps plot: one row per table row x threat, plus the clean accuracy at eps 0 for
-    every attack curve. Columns label, dataset, attack, norm, eps, top1, std (fractions)."""
-    records = []
-    for _, row in table.iterrows():
-        for column, threat in threat_columns(table):
-            if pd.isna(row[column]):
-                continue
-            std = row.get(f"{column}:std", math.nan)
-            records.append({"label": row["label"], "dataset": row["dataset"], "attack": threat.attack,
-                            "norm": threat.norm, "eps": threat.eps, "top1": float(row[column]), "std": float(std)})
-    curves = pd.DataFrame(records, columns=["label", "dataset", "attack", "norm", "eps", "top1", "std"])
-    clean = []
-    for (label, attack, norm), _ in curves.groupby(["label", "attack", "norm"], sort=False):
-        row = table[table["label"] == label].iloc[0]
-        if not pd.isna(row["clean_top1"]) and not (curves[(curves["label"] == label) & (curves["attack"] == attack)
-                                                          & (curves["norm"] == norm)]["eps"] == 0).any():
-            clean.append({"label": label, "dataset": row["dataset"], "attack": attack, "norm": norm, "eps": 0.0,
-                          "top1": float(row["clean_top1"]), "std": float(row.get("clean_top1:std", math.nan))})
-    if clean:
-        curves = pd.concat([pd.DataFrame(clean), curves], ignore_index=True)
-    return curves.sort_values(["attack", "norm", "label", "eps"], kind="stable").reset_index(drop=True)
