@@ -28,7 +28,7 @@ from robust_enc.reports.report import MARKER
 from robust_enc.reports.stats import NO_P_VALUE, clopper_pearson
 from robust_enc.reports.terminal import table3_tables
 from robust_enc.results import ResultRow, write_results
-from robust_enc.runtime.progress import format_eps
+from robust_enc.runtime.progress import _progress, format_eps
 
 STAMP = "2025-01-01T00:00:00+00:00"
 AA8 = tables.Threat("autoattack", "linf", 8 / 255)
@@ -55,13 +55,14 @@ def _model(run_id: str, regularizer: str, clean450: float, clean40: float, aa40:
     return rows
 
 
-def _tiny_study(root: Path, *, names: tuple[str, ...] = ()) -> Path:
-    """Three models in run folders (results.csv + model card); ``names`` replace the run ids."""
+def _tiny_study(root: Path, *, names: tuple[str, ...] = (), regularizers: tuple[str, ...] = ()) -> Path:
+    """Three models in run folders (results.csv + model card); ``names`` / ``regularizers`` replace theirs."""
     models = [("rt-baseline", "baseline", 0.9600, 0.950, 0.750, 0.40, 980.4),
               ("rt-enc-cutmix-ls", "enc+cutmix+ls", 0.9711, 0.975, 0.750, 0.52, 512.0),
               ("rt-mixup", "mixup", 0.9533, 0.925, 0.200, 0.31, 1500.0)]
     for i, (run_id, regularizer, *numbers) in enumerate(models):
         run_id = names[i] if i < len(names) else run_id
+        regularizer = regularizers[i] if i < len(regularizers) else regularizer
         folder = root / f"run{i}"
         folder.mkdir(parents=True)
         write_results(folder / "results.csv", _model(run_id, regularizer, *numbers))
@@ -195,11 +196,21 @@ def test_table3_fits_100_columns_without_a_cut_cell():
 
 def test_cli_report_under_columns_100_prints_no_ellipsis(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
-    root = _tiny_study(tmp_path / "runs")
+    root = _tiny_study(tmp_path / "runs", names=("[/red]",), regularizers=("[/bold]",))  # rich markup: shown as text
     assert main(["report", str(root), "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
-    assert "…" not in out and "enc+cutmix+ls" in out
+    assert "…" not in out and "enc+cutmix+ls" in out and "[/bold]" in out
     assert max(len(line) for line in out.splitlines() if not line.startswith("report written")) <= 100
+
+
+def test_progress_bars_keep_count_and_eta_whole_at_100_columns():
+    console = Console(width=100, file=io.StringIO(), color_system=None)
+    bars = _progress(console)
+    bars.add_task("  attack resnet_tiny-digits-enc+cutmix+ls-s0-n300 (fgsm,pgd,autoattack)", total=45000,
+                  completed=12000, info="1,234 img/s, robust autoattack@16/255 45.0%")
+    console.print(bars.make_tasks_table(bars.tasks))
+    line = console.file.getvalue().rstrip("\n")
+    assert len(line) <= 100 and "12000/45000" in line and "eta -:--:--" in line and "0:00:00" in line
 
 
 # ------------------------------------------------------------------ the page in a browser
@@ -232,7 +243,8 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium (make data installs Debian's where apt is)")
 def test_index_html_renders_in_headless_chromium(tmp_path):
-    written = build_report([_tiny_study(tmp_path / "runs")], tmp_path / "report")
+    long_name = "rt-baseline-" + "with-a-very-long-run-name-" * 8  # must scroll in its table, not widen the page
+    written = build_report([_tiny_study(tmp_path / "runs", names=(long_name,))], tmp_path / "report")
     page = written["index.html"].read_text()
     assert "http://" not in page and "https://" not in page and 'src="data:image/png;base64,' in page
     checked = tmp_path / "report" / "checked.html"  # the page plus the probe, beside it (same relative links)

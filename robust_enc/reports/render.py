@@ -339,14 +339,16 @@ def format_suffix(fmt: str) -> str:
 
 
 def rich_table(table: pd.DataFrame, kind: str, title: str = "") -> "rich.table.Table":  # noqa: F821
-    """The display view as a rich Table for the terminal."""
+    """The display view as one rich Table (``terminal.table3_tables`` fits Table 3 to a width). Every text is a
+    ``rich.text.Text``: a run id such as "[/red]" is shown, never parsed as markup."""
     from rich.table import Table
+    from rich.text import Text
 
     view = display_table(table, kind, "rich") if not table.empty else pd.DataFrame()
-    out = Table(title=title or kind)
+    out = Table(title=Text(title or kind))
     for name, right in zip(view.columns, _right_aligned(view)):
-        out.add_column(str(name), justify="right" if right else "left")
+        out.add_column(Text(str(name)), justify="right" if right else "left", overflow="fold")
     for row in view.itertuples(index=False):
-        out.add_row(*(str(c) for c in row))
+        out.add_row(*(Text(str(c)) for c in row))
     return out
 

@@ -61,7 +61,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
     marker = out_dir / MARKER
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (marker.is_file() and not marker.is_symlink()):
         found = sorted(p.name for p in out_dir.iterdir())
-        raise UserError(f"--out {out_dir} is not a report robust-enc wrote (no {MARKER} file; it holds "
+        raise UserError(f"--out {out_dir} is not a robust-enc report (no {MARKER} file; it holds "
                         f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''}), and a report replaces its folder "
                         "whole: choose a new or empty folder")
     return out_dir
