@@ -105,6 +105,20 @@ def test_leaderboard_clean_column_is_measured_on_the_attacked_40_images():
     assert row["image_set"] == "sub40"
 
 
+def test_rows_of_two_image_sets_are_never_averaged():
+    """FGSM on a 30-image subset and on all 450 images of one model: the cell is the 450 images' 90.89%, not the mean
+    93.78% of the two (labelled with n = 450)."""
+    rows = [_row("m", "enc", n=450, clean=0.96, image_set="all450"),
+            _row("m", "enc", "fgsm", 8 / 255, n=30, clean=29 / 30, adv=29 / 30, image_set="sub30"),
+            _row("m", "enc", "fgsm", 8 / 255, n=450, clean=0.96, adv=409 / 450, image_set="all450")]
+    column = tables.Threat("fgsm", "linf", 8 / 255).column
+    table = tables.table3(tables.results_frame(rows))
+    assert table[column].iloc[0] == 409 / 450 and table[f"n:{column}"].iloc[0] == 450
+    board = tables.leaderboard(tables.results_frame(rows))
+    assert (board["adv_top1"].iloc[0], board["clean_top1"].iloc[0], board["image_set"].iloc[0]) == (
+        409 / 450, 0.96, "all450")
+
+
 def test_a_three_model_correlation_prints_no_p_value():
     rows = [r for i in range(3) for r in _model(f"m{i}", f"r{i}", 0.9, 0.9, 0.5 - 0.1 * i, 0.4 - 0.1 * i,
                                                  10.0 + 7 * i ** 2)]

@@ -84,7 +84,7 @@ def render_index_html(*, summary: str, notes: list[str], table3: pd.DataFrame, b
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    tabs = [Board(label, html_table(table, "leaderboard"), list(table.attrs.get("notes", [])))
+    tabs = [Board(label, html_table(table, "leaderboard"), [n for n in table.attrs.get("notes", []) if n not in notes])
             for label, table in boards.items()]
     first = next((i for i, label in enumerate(boards) if label == chosen), 0)
     return env.get_template("index.html.j2").render(
