@@ -12,7 +12,7 @@ as numbers, plus a ``robust_enc`` object holding the suite's own provenance.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -130,7 +130,3 @@ def model_info(card: ModelCard, threat: Threat | None) -> dict[str, Any]:
                        "gbr": None if math.isnan(card.gbr) or math.isinf(card.gbr) else card.gbr,
                        **card.provenance},
     }
-
-
-def card_dict(card: ModelCard) -> dict[str, Any]:
-    return asdict(card)

@@ -8,7 +8,9 @@ kept in ``table.attrs["notes"]``; nothing here reads or writes files.
 Adversarial columns are named ``adv:<attack>:<norm>:<eps>`` with the exact float (``Threat.column``), plus
 ``<column>:std`` and ``<column>:ci`` (over seeds, only when some row has several; ``:ci`` is the half-width of the
 95% Student-t interval of the mean) and ``<column>:delta`` (minus the baseline row) with ``<column>:delta_ci`` (the
-half-width of the 95% Welch interval of that difference, when both rows have two or more seeds).
+half-width of the 95% Welch interval of that difference, when both rows have two or more seeds), and ``<column>:lo``
+/ ``<column>:hi`` for accuracies (the 95% Clopper-Pearson interval over the images of all seeds). No number averages
+rows of two image sets (``image_set``, else n where it was not recorded).
 """
 
 from __future__ import annotations
@@ -72,11 +74,12 @@ def _prefer(first: pd.Series, fallback: pd.Series) -> float:
 
 def _one_image_set(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows of one image set: the one with the most images (the inputs keep one per model; this is the guarantee
-    that no number below averages two sets). Rows that recorded none ("") count as one set of their own."""
-    if rows["image_set"].nunique() <= 1:
+    that no number below averages two sets). Rows that recorded none ("", older files) are told apart by n."""
+    sets = rows["image_set"].where(rows["image_set"] != "", "n=" + rows["n"].astype(str))
+    if sets.nunique() <= 1:
         return rows
-    largest = rows.groupby("image_set", sort=False)["n"].max().idxmax()
-    return rows[rows["image_set"] == largest]
+    largest = rows["n"].groupby(sets, sort=False).max().idxmax()
+    return rows[sets == largest]
 
 
 def replicates(frame: pd.DataFrame) -> pd.DataFrame:
