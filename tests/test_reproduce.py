@@ -49,6 +49,7 @@ def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch
     preset_file = tmp_path / "small.json"
     preset_file.write_text(json.dumps(SMALL))
     out = tmp_path / "study"
+    monkeypatch.setenv("COLUMNS", "100")  # the end-of-study tables fit a 100-column terminal (also when piped)
     builds = []  # the report is built once per run (not once to write and again to print: warnings twice)
     make_report = robust_enc.reports.make_report
     monkeypatch.setattr(robust_enc.reports, "make_report", lambda *a, **kw: builds.append(1) or make_report(*a, **kw))
@@ -57,7 +58,8 @@ def test_reduced_quick_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch
     captured = capsys.readouterr()
     printed = captured.out
     assert "sanity checks" in captured.err  # the one end-of-study panel (or its "no flag" line)
-    assert "report:" in printed and "enc" in printed
+    assert "report:" in printed and "enc" in printed and "…" not in printed
+    assert max(len(line) for line in printed.splitlines() if not line.startswith("report:")) <= 100
     # The terminal's Table 3 view: differences to the baseline as in the paper, and the GBR column.
     assert re.search(r"\([+-]\d+\.\d\d\)", printed) and "GBR" in printed and "FGSM" in printed
     report = out / "report"

@@ -41,6 +41,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 from robust_enc.results import ResultRow
+from robust_enc.runtime.progress import format_eps
 
 log = logging.getLogger(__name__)
 
@@ -131,4 +132,5 @@ def check_rows(rows: list[ResultRow], stats: list[RowStats]) -> list[ResultRow]:
 
 def flag_lines(rows: list[ResultRow]) -> list[str]:
     """"run attack eps: flag" for every flag of ``rows``, for a summary panel or log line."""
-    return [f"{r.run_id} {r.attack} eps={r.eps:.4g}: {flag}" for r in rows if r.flags for flag in r.flags.split(";")]
+    return [f"{r.run_id} {r.attack} eps={format_eps(r.eps, r.norm)}: {flag}"
+            for r in rows if r.flags for flag in r.flags.split(";")]

@@ -21,6 +21,7 @@ from robust_enc.images import DatasetInfo, to_float_images
 from robust_enc.models import top_k_hits
 from robust_enc.results import ResultRow, library_versions
 from robust_enc.runtime.device import MEASUREMENT_PRECISION
+from robust_enc.runtime.progress import format_eps
 from robust_enc.runtime.seeding import seed_everything, seed_for
 
 REFERENCE = "fgsm-reference"  # the FGSM step the checks compare with when fgsm is not in the run (no row)
@@ -226,7 +227,7 @@ class Evaluation:
         for name in names:
             t = self.tallies[tally_key(name, e)]
             if t["n"]:
-                out[f"{name}@{e:.4g}"] = t["adv1"] / t["n"]
+                out[f"{name}@{format_eps(e, self.config.norm)}"] = t["adv1"] / t["n"]
         return out
 
 

@@ -18,6 +18,7 @@ from robust_enc.cli.common import (
     print_flags,
 )
 from robust_enc.results import ResultRow, parse_eps
+from robust_enc.runtime.progress import format_eps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None, *,
         table.add_column(column, justify="left" if column in ("attack", "norm", "checks") else "right",
                          no_wrap=column == "attack", min_width=names if column == "attack" else None)
     for r in rows:
-        eps = f"{r.eps * 255:.3g}/255" if r.norm == "linf" else f"{r.eps:.3g}"
+        eps = format_eps(r.eps, r.norm)
         table.add_row(escape(r.attack), r.norm, eps, str(r.steps or ""), f"{r.clean_top1:.2%}", f"{r.adv_top1:.2%}",
                       "" if math.isnan(r.adv_top5) else f"{r.adv_top5:.2%}", f"{r.images_per_s:,.0f}",
                       "[red]FAIL[/red]" if r.flags else "ok")

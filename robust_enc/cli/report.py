@@ -5,7 +5,6 @@ run folders."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,9 +51,9 @@ def check_order(table3: pd.DataFrame, order: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.text import Text
 
-    from robust_enc.reports.render import rich_table
+    from robust_enc.reports.terminal import make_console, print_table3
 
     formats = check_formats(args.format.split(","))  # a typo or a bad --out fails before anything is read
     check_out_dir(args.out)
@@ -65,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
                          order=order)
     check_order(report.full_table3, order)  # before anything is written
     written = write_report(report, args.out, formats)
-    # markup off: run ids, regularizers and paths are the user's text ("[/red]" is a name, not a tag)
-    console = Console(width=None if sys.stdout.isatty() else 200, markup=False)  # a pipe or log keeps the table
-    console.print(rich_table(report.tables["table3"], "table3", TABLES["table3"]))
-    console.print(f"report written to {args.out} ({len(written)} files): {written['index.md']}", soft_wrap=True)
+    console = make_console()  # COLUMNS, else the terminal's width; the tables fit it, the files hold them whole
+    print_table3(report.tables["table3"], TABLES["table3"], console)
+    console.print(Text(f"report written to {args.out} ({len(written)} files): {written['index.md']}, "
+                       f"{written['index.html']}"), soft_wrap=True)
     return 0

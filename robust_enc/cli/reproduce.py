@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from robust_enc.cli.common import EXIT_OK, add_allow_flags_argument, print_flags
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from robust_enc.reports.render import rich_table
+    from robust_enc.reports.terminal import print_table3
     from robust_enc.reports.threats import select_threats, threat_columns
     from robust_enc.reproduce import load_preset, plan, reproduce, sanity_flags, sweep_plan
     from robust_enc.runtime.distributed import is_main_process
@@ -62,10 +61,8 @@ def run(args: argparse.Namespace) -> int:
     # The terminal gets the paper's view: FGSM (Table 3's attack) at every eps; the report has every attack.
     fgsm = any(t.attack == "fgsm" for _, t in threat_columns(report.full_table3))
     view = select_threats(report.full_table3, attack="fgsm") if fgsm else report.tables["table3"]
-    # markup off: run ids and regularizers are the user's text ("[/red]" is a name, not a tag)
-    Console(width=None if sys.stdout.isatty() else 200, markup=False).print(
-        rich_table(view, "table3", f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), "
-                                   "difference to the baseline, GBR"))
-    print(f"report: {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
+    print_table3(view, f"Table 3 view: clean and {'FGSM' if fgsm else 'adversarial'} top-1 (%), difference to the "
+                       "baseline, GBR")  # fits the terminal (COLUMNS); the files hold the whole table
+    print(f"report: {written['index.html']}, {written['index.md']}  (tables: {out / 'report' / 'table3.md'}, "
           f"plots: {out / 'report' / 'plots'})")
     return print_flags(sanity_flags(pairs), allow=args.allow_flags)  # one panel for the whole study

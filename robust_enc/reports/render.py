@@ -2,8 +2,11 @@
 
 CSV and JSON get the numeric tables as they are (fractions, pixel-unit eps, NaN -> empty / null). Markdown, LaTeX,
 HTML and rich get a display view: percent with two decimals, "29.87 (+12.33)" differences to the baseline,
-"mean ± std" over seeds, eps as "8/255". Each table kind ("table3", "leaderboard", "correlation") registers its view
-in ``VIEWS``; each output format registers in ``FORMATS`` with its file suffix.
+"mean ± std" over seeds, eps as "8/255" (``format_eps``). Text that came from the inputs (run ids, regularizers) is
+escaped for each format: HTML in Markdown and HTML, formulas in CSV (OWASP's CSV-injection advice: a text cell that
+starts with = + - @ or a tab/CR gets a leading single quote; numbers stay numbers). Each table kind ("table3",
+"leaderboard", "correlation") registers its view in ``VIEWS``; each output format registers in ``FORMATS`` with its
+file suffix.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 import pandas as pd
 
 from robust_enc.registry import Registry
+from robust_enc.reports.stats import NO_P_VALUE
 from robust_enc.reports.tables import threat_columns
+from robust_enc.runtime.progress import format_eps
 
 MISSING = "—"
 ATTACK_LABELS = {"none": "clean", "fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR",
@@ -50,12 +55,9 @@ def format_delta(fraction: float) -> str:
     return f"{fraction * 100:+.2f}"
 
 
-def format_eps(eps: float, norm: str = "linf") -> str:
-    """Linf eps that are multiples of 1/255 as "k/255" (the convention for 8-bit images), else 4 significant digits."""
-    k = eps * 255
-    if norm == "linf" and eps > 0 and abs(k - round(k)) < 1e-4:
-        return f"{round(k)}/255"
-    return f"{eps:.4g}"
+def format_interval(low: float, high: float) -> str:
+    """A 95% interval of a fraction in percent, one decimal: "[59.8, 87.3]"."""
+    return "" if _missing(low) or _missing(high) else f"[{low * 100:.1f}, {high * 100:.1f}]"
 
 
 def format_number(value: float, like: float | None = None) -> str:
@@ -74,7 +76,9 @@ def format_r(value: float) -> str:
     return MISSING if _missing(value) else f"{value:+.3f}"
 
 
-def format_p(value: float) -> str:
+def format_p(value: float, note: str = "") -> str:
+    if note == NO_P_VALUE:
+        return NO_P_VALUE
     return MISSING if _missing(value) else f"{value:.2g}"
 
 
@@ -188,15 +192,19 @@ def _fewer_images(table: pd.DataFrame, column: str) -> str:
 @VIEWS.register("leaderboard", help="models ranked by adversarial top-1 at one threat")
 def view_leaderboard(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
     out = pd.DataFrame(index=table.index)
-    out["Rank"] = table["rank"].astype(str)
+    tied = table["tied"] if "tied" in table else pd.Series(False, index=table.index)
+    out["Rank"] = [f"{r} (tied)" if t else str(r) for r, t in zip(table["rank"], tied)]
     out["Run"] = table["run_id"]
     out["Model"] = table["model"]
     out["Regularizer"] = [short_regularizer(r) for r in table["regularizer"]]
     out["Data set"] = table["dataset"]
     out["Threat"] = [threat_label(a, n, e) for a, n, e in zip(table["attack"], table["norm"], table["eps"])]
     out["n"] = table["n"].astype(str)
-    out["Clean (%)"] = [format_percent(v) for v in table["clean_top1"]]
-    out["Robust (%)"] = [format_percent(v) for v in table["adv_top1"]]
+    for name, header in (("clean", "Clean (%)"), ("adv", "Robust (%)")):
+        out[header] = [format_percent(v) for v in table[f"{name}_top1"]]
+        if f"{name}_lo" in table:  # the same n images for both: the interval says how far that carries
+            out[f"{header[:-4]} 95% CI"] = [format_interval(lo, hi) or MISSING
+                                            for lo, hi in zip(table[f"{name}_lo"], table[f"{name}_hi"])]
     out["GBR"] = [format_number(v) for v in table["gbr"]]
     out["Checkpoint"] = [h or MISSING for h in table["checkpoint_hash"]]
     out["Checkpoint file"] = [p or MISSING for p in table.get("checkpoint", pd.Series("", index=table.index))]
@@ -221,10 +229,10 @@ def view_correlation(table: pd.DataFrame, fmt: str = "md") -> pd.DataFrame:
                      zip(table["y"], table["attack"], table["norm"], table["eps"])]
     out["n"] = table["n"].astype(str)
     out["Pearson r"] = [format_r(v) for v in table["pearson_r"]]
-    out["Pearson p"] = [format_p(v) for v in table["pearson_p"]]
+    out["Pearson p"] = [format_p(v, n) for v, n in zip(table["pearson_p"], table["note"])]
     out["Spearman ρ"] = [format_r(v) for v in table["spearman_rho"]]
-    out["Spearman p"] = [format_p(v) for v in table["spearman_p"]]
-    out["Note"] = [n or "" for n in table["note"]]
+    out["Spearman p"] = [format_p(v, n) for v, n in zip(table["spearman_p"], table["note"])]
+    out["Note"] = ["" if not n or n == NO_P_VALUE else n for n in table["note"]]
     return out.reset_index(drop=True)
 
 
@@ -242,10 +250,15 @@ def _right_aligned(view: pd.DataFrame) -> list[bool]:
             and all(_NUMERIC_CELL.match(c) for c in cells) for col in view.columns]
 
 
+def escape_markdown(text: Any) -> str:
+    """Text for a Markdown file: HTML escaped (GitHub renders raw HTML: a run id "<script>" must stay text)."""
+    return html.escape(str(text), quote=False)
+
+
 def markdown_table(view: pd.DataFrame) -> str:
-    """A GitHub table; numeric columns right-aligned."""
+    """A GitHub table; numeric columns right-aligned; cells HTML-escaped (a link cell's text and target too)."""
     def escape(text: Any) -> str:
-        return str(text).replace("|", r"\|").replace("\n", " ")
+        return escape_markdown(text).replace("|", r"\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(escape(c) for c in view.columns) + " |",
              "|" + "|".join("---:" if right else "---" for right in _right_aligned(view)) + "|"]
@@ -267,9 +280,22 @@ def _jsonable(value: Any) -> Any:
     return None if _missing(value) or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralize_formula(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula ("=HYPERLINK(...)", "-2+3", "@SUM") gets a leading single
+    quote (OWASP's CSV-injection advice); numbers, and text that starts otherwise, pass unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 @FORMATS.register("csv", help="numeric table: fractions, pixel-unit eps (for pandas, spreadsheets)", suffix="csv")
 def render_csv(table: pd.DataFrame, kind: str, title: str = "") -> str:
-    return table.to_csv(index=False, lineterminator="\n")
+    text_columns = [c for c in table.columns if table[c].dtype == object or pd.api.types.is_string_dtype(table[c])]
+    safe = table.assign(**{str(c): table[c].map(neutralize_formula) for c in text_columns})
+    return safe.to_csv(index=False, lineterminator="\n")
 
 
 @FORMATS.register("json", help="numeric table with its notes; NaN as null", suffix="json")
@@ -313,14 +339,16 @@ def format_suffix(fmt: str) -> str:
 
 
 def rich_table(table: pd.DataFrame, kind: str, title: str = "") -> "rich.table.Table":  # noqa: F821
-    """The display view as a rich Table for the terminal."""
+    """The display view as one rich Table (``terminal.table3_tables`` fits Table 3 to a width). Every text is a
+    ``rich.text.Text``: a run id such as "[/red]" is shown, never parsed as markup."""
     from rich.table import Table
+    from rich.text import Text
 
     view = display_table(table, kind, "rich") if not table.empty else pd.DataFrame()
-    out = Table(title=title or kind)
+    out = Table(title=Text(title or kind))
     for name, right in zip(view.columns, _right_aligned(view)):
-        out.add_column(str(name), justify="right" if right else "left")
+        out.add_column(Text(str(name)), justify="right" if right else "left", overflow="fold")
     for row in view.itertuples(index=False):
-        out.add_row(*(str(c) for c in row))
+        out.add_row(*(Text(str(c)) for c in row))
     return out
 

@@ -1,12 +1,17 @@
-"""The report: tables built from the inputs (``tables``), rendered in every format (``render``), plots (``plots``) and
-an ``index.md`` tying them together, written into a folder that replaces the previous report whole."""
+"""The report: tables built from the inputs (``tables``), rendered in every format (``render``), plots (``plots``),
+``index.md`` and the self-contained ``index.html`` (``html``) tying them together, and a RobustBench-style
+``model_info/<model>.json`` per model (``cards``), written into a folder that replaces the previous report whole.
+
+A report folder holds the marker file ``MARKER``: ``--out`` replaces a folder only when it holds one (a report this
+suite wrote), or when it is empty; never because its files' names look like a report's."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +24,8 @@ from robust_enc.results import parse_eps
 if TYPE_CHECKING:
     import pandas as pd
 
+    from robust_enc.reports.cards import ModelCard
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ("md", "csv", "json")
@@ -27,8 +34,8 @@ TABLES = {  # file stem -> title
     "leaderboard": "Leaderboard",
     "correlation": "Correlation of GBR with accuracy and the generalization gap",
 }
-# What a report folder holds (write_report), hidden temp files aside: a folder holding only these may be replaced.
-_REPORT_ENTRY = re.compile(rf"^(index\.md|plots|({'|'.join(TABLES)})\.\w+|\..*\.tmp)$")
+MARKER = ".robust-enc-report"  # written into every report folder: only such a folder (or an empty one) is replaced
+MODEL_INFO = "model_info"
 
 
 def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -43,20 +50,20 @@ def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
-    """``out_dir`` when it is a folder or can be made one (no file in its place or above it) and holds nothing but an
-    earlier report (it is replaced whole), else a UserError."""
+    """``out_dir`` when it is a folder or can be made one (no file in its place or above it) and is empty or holds a
+    report this suite wrote (its ``MARKER`` file; the folder is replaced whole), else a UserError."""
     out_dir = Path(out_dir)
     for path in (out_dir, *out_dir.parents):
         if path.exists():
             if not path.is_dir():
                 raise UserError(f"--out {out_dir}: {path} is a file, not a folder; choose another output folder")
             break
-    if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if not _REPORT_ENTRY.match(p.name))
-        if foreign:
-            raise UserError(f"--out {out_dir} holds files that are not a robust-enc report ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}), and a report replaces its folder whole: "
-                            "choose a new or empty folder")
+    marker = out_dir / MARKER
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (marker.is_file() and not marker.is_symlink()):
+        found = sorted(p.name for p in out_dir.iterdir())
+        raise UserError(f"--out {out_dir} is not a robust-enc report (no {MARKER} file; it holds "
+                        f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''}), and a report replaces its folder "
+                        "whole: choose a new or empty folder")
     return out_dir
 
 
@@ -74,6 +81,8 @@ class Report:
     tables: dict[str, pd.DataFrame]
     full_table3: pd.DataFrame
     notes: list[str]
+    boards: dict[str, pd.DataFrame] = field(default_factory=dict)  # threat label -> leaderboard, for the page's tabs
+    cards: list[ModelCard] = field(default_factory=list)
 
 
 def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, attack: str | None = None,
@@ -82,15 +91,16 @@ def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, at
     """Read and merge the inputs and build the tables; ``attack`` / ``eps`` restrict the tables to that attack /
     those eps (floats or "k/255") and pick the leaderboard's threat; ``order`` gives Table 3's row order after the
     baseline (see ``tables.table3``); model-card and checkpoint links are relative to ``link_base``."""
-    from robust_enc.reports import tables, threats
+    from robust_enc.reports import cards, render, tables, threats
 
     eps_values = _normalize_eps(eps)
     data = load_inputs(inputs)
     frame = tables.results_frame(data.rows)
     full = tables.table3(frame, baseline=baseline, order=order)
     shown = threats.select_threats(full, attack=attack, eps=eps_values)
+    links = runs_frame(data.runs, link_base)
     built = {"table3": shown,
-             "leaderboard": tables.leaderboard(frame, runs_frame(data.runs, link_base), attack=attack, eps=eps_values),
+             "leaderboard": tables.leaderboard(frame, links, attack=attack, eps=eps_values),
              # Each trained model is a point (seeds too), so n and the p-values count models, not row means.
              "correlation": tables.correlation(threats.select_threats(tables.replicates(frame), attack=attack,
                                                                      eps=eps_values))}
@@ -101,7 +111,11 @@ def make_report(inputs: Sequence[str | Path], *, baseline: str | None = None, at
         own = table.attrs.get("notes", [])
         notes += [n for n in own if n not in notes]
         table.attrs["notes"] = input_notes + [n for n in own if n not in input_notes]
-    return Report(data, built, full, notes)
+    # One leaderboard per threat shown, for the page's tabs (the strongest first: the files' leaderboard).
+    boards = {render.threat_label(*t): tables.leaderboard(frame, links, threat=t)
+              for _, t in sorted(threats.threat_columns(shown), key=lambda ct: threats.threat_order(ct[1]),
+                                 reverse=True)}
+    return Report(data, built, full, notes, boards, cards.model_cards(frame, links))
 
 
 def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Path]:
@@ -130,6 +144,53 @@ def _write_report_files(report: Report, out_dir: Path, formats: Sequence[str]) -
     written.update({p.relative_to(out_dir).as_posix(): p for p in figures})
     index = _index_markdown(report, formats, figures, out_dir, notes)
     written["index.md"] = write_text_atomic(out_dir / "index.md", index)
+    written.update(_write_model_info(report, out_dir))
+    written["index.html"] = write_text_atomic(out_dir / "index.html",
+                                              _index_html(report, figures, sorted(written), notes))
+    written[MARKER] = write_text_atomic(out_dir / MARKER, "a report written by robust-enc: `robust-enc report --out` "
+                                        "replaces this folder whole\n")
+    return written
+
+
+def _summary(report: Report) -> str:
+    from robust_enc import __version__
+
+    data = report.data
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return (f"{len(data.rows)} result rows ({data.rows_read} read, duplicates merged) from {len(data.sources)} "
+            f"results files; {len(data.runs)} run folders. Written {stamp} by robust-enc {__version__}.")
+
+
+def _index_html(report: Report, figures: list[Path], files: list[str], notes: list[str]) -> str:
+    from robust_enc.reports import html, render
+
+    board = report.tables["leaderboard"]
+    threat = board.attrs.get("threat")
+    chosen = render.threat_label(threat["attack"], threat["norm"], threat["eps"]) if threat else ""
+    return html.render_index_html(summary=_summary(report), notes=notes, table3=report.tables["table3"],
+                                  boards=report.boards, chosen=chosen, correlation=report.tables["correlation"],
+                                  figures=figures, cards=report.cards,
+                                  files=[f for f in files if not f.startswith("plots/")])
+
+
+def _file_stem(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._") or "model"
+
+
+def _write_model_info(report: Report, out_dir: Path) -> dict[str, Path]:
+    """``model_info/<run id>.json`` per model (RobustBench's fields; see ``cards.model_info``)."""
+    from robust_enc.reports import cards, tables
+
+    threat = report.tables["leaderboard"].attrs.get("threat")
+    threat = tables.Threat(**threat) if threat else None
+    written: dict[str, Path] = {}
+    for card in report.cards:
+        stem = _file_stem(card.run_id)
+        rel = f"{MODEL_INFO}/{stem}.json"
+        if rel in written:  # one run id on two data sets (or two checkpoints)
+            rel = f"{MODEL_INFO}/{stem}@{_file_stem(card.dataset)}-{card.checkpoint_hash[:8]}.json"
+        payload = json.dumps(cards.model_info(card, threat), indent=1, allow_nan=False) + "\n"
+        written[rel] = write_text_atomic(out_dir / rel, payload)
     return written
 
 
@@ -150,7 +211,7 @@ def _draw_plots(full: pd.DataFrame, board: pd.DataFrame, runs: list[RunFolder], 
 
     from robust_enc.reports import plots, tables
 
-    figures = plots.plot_accuracy_vs_eps(tables.accuracy_vs_eps(full), plot_dir)
+    figures = plots.plot_accuracy_vs_eps(plots.accuracy_vs_eps(full), plot_dir)
     if not figures:
         notes.append("accuracy-vs-eps plots skipped: no adversarial results")
     threat = board.attrs.get("threat")
@@ -190,18 +251,15 @@ def _draw_plots(full: pd.DataFrame, board: pd.DataFrame, runs: list[RunFolder], 
 
 def _index_markdown(report: Report, formats: Sequence[str], figures: list[Path], out_dir: Path,
                     notes: list[str]) -> str:
-    from robust_enc import __version__
     from robust_enc.reports import render
 
-    data, built = report.data, report.tables
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lines = ["# robust-enc report", "",
-             f"{len(data.rows)} result rows ({data.rows_read} read, duplicates merged) from {len(data.sources)} "
-             f"results files; {len(data.runs)} run folders. Written {stamp} by robust-enc {__version__}.", "",
+    built = report.tables
+    lines = ["# robust-enc report", "", _summary(report), "",
+             "The self-contained page: [index.html](index.html) (leaderboard per threat, model cards, plots).", "",
              "Accuracies are top-1 in percent; differences to the baseline row in percentage points; GBR is eq. 18 "
              "of the paper (± the spread over seeds, or the estimator's standard error for one seed).", ""]
     if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+        lines += ["## Notes", ""] + [f"- {render.escape_markdown(n)}" for n in notes] + [""]
     for name, table in built.items():
         title = TABLES[name]
         threat = table.attrs.get("threat")

@@ -8,7 +8,9 @@ kept in ``table.attrs["notes"]``; nothing here reads or writes files.
 Adversarial columns are named ``adv:<attack>:<norm>:<eps>`` with the exact float (``Threat.column``), plus
 ``<column>:std`` and ``<column>:ci`` (over seeds, only when some row has several; ``:ci`` is the half-width of the
 95% Student-t interval of the mean) and ``<column>:delta`` (minus the baseline row) with ``<column>:delta_ci`` (the
-half-width of the 95% Welch interval of that difference, when both rows have two or more seeds).
+half-width of the 95% Welch interval of that difference, when both rows have two or more seeds), and ``<column>:lo``
+/ ``<column>:hi`` for accuracies (the 95% Clopper-Pearson interval over the images of all seeds). No number averages
+rows of two image sets (``image_set``, else n where it was not recorded).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import functools
 import logging
 import math
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -25,6 +26,12 @@ import pandas as pd
 from scipy import stats
 
 from robust_enc.errors import UserError
+from robust_enc.reports.stats import (
+    accuracy_interval,
+    correlate,
+    multiple_comparisons_note,
+    shared_ranks,
+)
 from robust_enc.reports.threats import (
     CLEAN,
     Threat,
@@ -35,6 +42,7 @@ from robust_enc.reports.threats import (
     with_notes,
 )
 from robust_enc.results import FIELD_NAMES, ResultRow
+from robust_enc.runtime.progress import format_eps
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +72,52 @@ def _prefer(first: pd.Series, fallback: pd.Series) -> float:
     return math.nan
 
 
+def _one_image_set(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one image set: the one with the most images (the inputs keep one per model; this is the guarantee
+    that no number below averages two sets). Rows that recorded none ("", older files) are told apart by n."""
+    sets = rows["image_set"].where(rows["image_set"] != "", "n=" + rows["n"].astype(str))
+    if sets.nunique() <= 1:
+        return rows
+    largest = rows["n"].groupby(sets, sort=False).max().idxmax()
+    return rows[sets == largest]
+
+
 def replicates(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per trained model (run id + checkpoint hash + data set): clean top-1, GBR, weight norm, train top-1,
-    generalization gap and one ``adv:...`` column per threat (mean over repeated rows, e.g. attack seeds)."""
-    frame = label_threats(frame)
+    generalization gap and one ``adv:...`` column per threat (mean over repeated rows, e.g. attack seeds), with
+    ``n:<column>`` (its image count), ``clean:<column>`` (the clean top-1 of those same images: every attack row
+    carries it) and ``image_set:<column>``."""
+    frame = label_threats(frame if "image_set" in frame else frame.assign(image_set=""))
+    frame = frame.assign(image_set=frame["image_set"].fillna("").astype(str))
     records = []
     for key, rows in frame.groupby(REPLICATE, sort=False):
         clean = rows[rows["attack"] == CLEAN]
         # A model evaluated twice (e.g. FGSM on every image, AutoAttack on a subset) has a clean row per evaluation:
         # the largest one's is the model's clean accuracy.
-        clean = clean[clean["n"] == clean["n"].max()] if len(clean) else clean
+        clean = _one_image_set(clean[clean["n"] == clean["n"].max()]) if len(clean) else clean
         record = dict(zip(REPLICATE, key))
         record["clean_top1"] = _prefer(clean["clean_top1"], rows["clean_top1"])
         record["n_clean"] = int(clean["n"].max()) if len(clean) else int(rows["n"].max())
+        record["image_set"] = str(clean["image_set"].iloc[0]) if len(clean) else ""
         for name in RUN_VALUES:
             record[name] = _prefer(clean[name], rows[name])
         record["gen_gap"] = record["train_top1"] - record["clean_top1"]  # train minus test accuracy
         adv = rows[rows["attack"] != CLEAN]
         for (attack, norm, eps), cell in adv.groupby(["_attack", "norm", "_eps"], sort=False):
             column = Threat(attack, norm, float(eps)).column
+            cell = _one_image_set(cell)
             record[column] = float(cell["adv_top1"].astype(float).mean())
             record[f"n:{column}"] = int(cell["n"].max())
+            record[f"clean:{column}"] = float(cell["clean_top1"].astype(float).mean())
+            record[f"image_set:{column}"] = str(cell["image_set"].iloc[0])
         records.append(record)
     if not records:
-        return pd.DataFrame(columns=[*REPLICATE, "clean_top1", "n_clean", *RUN_VALUES, "gen_gap"])
+        return pd.DataFrame(columns=[*REPLICATE, "clean_top1", "n_clean", "image_set", *RUN_VALUES, "gen_gap"])
     table = pd.DataFrame(records)
     threats = sorted({t for _, t in threat_columns(table)}, key=threat_order)
-    front = [c for c in table.columns if not c.startswith(("adv:", "n:adv:"))]
-    return table[front + [t.column for t in threats] + [f"n:{t.column}" for t in threats]]
+    front = [c for c in table.columns if not c.startswith(("adv:", "n:adv:", "clean:adv:", "image_set:adv:"))]
+    return table[front + [t.column for t in threats] + [f"{p}:{t.column}" for p in ("n", "clean", "image_set")
+                                                        for t in threats]]
 
 
 def _group_label(rows: pd.DataFrame) -> tuple[str, str | None]:
@@ -190,6 +216,8 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
             record[name] = float(column.mean())  # NaN when no seed has it
             record[f"{name}:std"] = float(column.std(ddof=1)) if column.count() > 1 else math.nan
             record[f"{name}:ci"] = _t_half_width(column)
+        for name in ["clean_top1", *threats]:
+            record[f"{name}:lo"], record[f"{name}:hi"] = _pooled_interval(rows, name)
         record["gbr_stderr"] = float(rows["gbr_stderr"].astype(float).mean())  # one seed: the estimator's error bar
         # Image counts: a threat evaluated on a smaller subset than the clean pass (AutoAttack on CPU) says so.
         record["n_clean"] = int(rows["n_clean"].max())
@@ -229,12 +257,26 @@ def table3(frame: pd.DataFrame, *, baseline: str | None = None, order: Sequence[
             columns.append(f"{name}:delta")
             if several_seeds:
                 columns.append(f"{name}:delta_ci")
+        if f"{name}:lo" in groups:
+            columns += [f"{name}:lo", f"{name}:hi"]
         if name == "gbr":
             columns.append("gbr_stderr")
     columns += [f"n:{c}" for c in threats if f"n:{c}" in groups]
     for note in notes:
         log.warning(note)
     return with_notes(groups[columns].reset_index(drop=True), notes)
+
+
+def _pooled_interval(rows: pd.DataFrame, name: str) -> tuple[float, float]:
+    """The 95% Clopper-Pearson interval of an accuracy column over the images of all seeds together (k and n summed;
+    the spread between seeds is the t-interval's job)."""
+    n_column = "n_clean" if name == "clean_top1" else f"n:{name}"
+    both = rows[[name, n_column]].astype(float).dropna()
+    if both.empty:
+        return math.nan, math.nan
+    n = both[n_column].to_numpy()
+    k = np.round(both[name].to_numpy() * n)
+    return accuracy_interval(k.sum() / n.sum(), n.sum())
 
 
 def _t_half_width(values: pd.Series) -> float:
@@ -267,14 +309,19 @@ def _deduplicate_labels(groups: pd.DataFrame) -> None:
 
 
 def leaderboard(frame: pd.DataFrame, runs: pd.DataFrame | None = None, *, attack: str | None = None,
-                eps: Sequence[float] | None = None) -> pd.DataFrame:
-    """RobustBench-style ranking of trained models by adversarial top-1 at one threat (see ``choose_threat``), per
-    data set. ``runs`` (columns run_id, checkpoint_hash, checkpoint, model_card) supplies each model's checkpoint
-    file and the link to its model card."""
+                eps: Sequence[float] | None = None, threat: Threat | None = None) -> pd.DataFrame:
+    """RobustBench-style ranking of trained models by adversarial top-1 at one threat (``threat``, else see
+    ``choose_threat``), per data set. ``runs`` (columns run_id, checkpoint_hash, checkpoint, model_card) supplies each
+    model's checkpoint file and the link to its model card.
+
+    Clean and robust top-1 of a row come from the same images: the attack's own rows carry the clean accuracy of the
+    images they attacked (a 40-image AutoAttack row is not put beside the clean accuracy of 450). Each has its 95%
+    Clopper-Pearson interval (``*_lo``, ``*_hi``); models whose robust intervals overlap share a rank (``tied``)."""
     notes: list[str] = []
-    columns = ["dataset", "rank", "run_id", "model", "regularizer", "attack", "norm", "eps", "n", "clean_top1",
-               "adv_top1", "gbr", "checkpoint_hash", "checkpoint", "model_card"]
-    threat = choose_threat(frame, attack=attack, eps=eps)
+    columns = ["dataset", "rank", "tied", "run_id", "model", "regularizer", "attack", "norm", "eps", "n", "clean_top1",
+               "clean_lo", "clean_hi", "adv_top1", "adv_lo", "adv_hi", "gbr", "image_set", "checkpoint_hash",
+               "checkpoint", "model_card"]
+    threat = threat or choose_threat(frame, attack=attack, eps=eps)
     if threat is None:
         notes.append("no adversarial rows: the leaderboard is empty")
         log.warning(notes[-1])
@@ -283,15 +330,23 @@ def leaderboard(frame: pd.DataFrame, runs: pd.DataFrame | None = None, *, attack
     ranked = reps[reps[threat.column].notna()].copy()
     unranked = reps.loc[reps[threat.column].isna(), "run_id"].tolist()
     if unranked:
-        notes.append(f"not ranked (no {threat.attack} {threat.norm} eps {threat.eps:.6g} result): "
+        notes.append(f"not ranked (no {threat.attack} {threat.norm} eps {format_eps(threat.eps, threat.norm)} result): "
                      f"{', '.join(unranked)}")
     ranked["attack"], ranked["norm"], ranked["eps"] = threat.attack, threat.norm, threat.eps
     ranked["adv_top1"] = ranked[threat.column]
+    ranked["clean_top1"] = ranked[f"clean:{threat.column}"]
+    ranked["image_set"] = ranked[f"image_set:{threat.column}"]
     ranked["n"] = ranked[f"n:{threat.column}"].astype(int)
+    for name in ("clean", "adv"):
+        bounds = [accuracy_interval(v, n) for v, n in zip(ranked[f"{name}_top1"], ranked["n"])]
+        ranked[f"{name}_lo"], ranked[f"{name}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
     for name in ("checkpoint", "model_card"):
         ranked[name] = [_run_value(runs, r, h, name) for r, h in zip(ranked["run_id"], ranked["checkpoint_hash"])]
     ranked = ranked.sort_values(["dataset", "adv_top1", "clean_top1"], ascending=[True, False, False], kind="stable")
-    ranked["rank"] = ranked.groupby("dataset").cumcount() + 1
+    ranked["rank"], ranked["tied"] = 0, False
+    for _, rows in ranked.groupby("dataset", sort=False):
+        ranks, tied = shared_ranks(rows["adv_top1"].tolist(), rows["adv_lo"].tolist(), rows["adv_hi"].tolist())
+        ranked.loc[rows.index, "rank"], ranked.loc[rows.index, "tied"] = ranks, tied
     # Rows a study attacked with cheaper threats only (as the quick preset does) are expected: the note goes into the
     # leaderboard's files and the report's index, not into a warning.
     for note in notes:
@@ -313,24 +368,14 @@ def _run_value(runs: pd.DataFrame | None, run_id: str, checkpoint_hash: str, col
 MIN_MODELS = 3  # Pearson/Spearman on 2 points is +-1 by construction
 
 
-def _correlate(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, str]:
-    if len(x) < MIN_MODELS:
-        return (math.nan,) * 4 + (f"needs at least {MIN_MODELS} models with both values, has {len(x)}",)
-    if any(np.ptp(v) <= 1e-12 * max(1.0, float(np.abs(v).max())) for v in (x, y)):  # float noise is not spread
-        return (math.nan,) * 4 + ("constant values: correlation undefined",)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # ties in ranks are fine for Spearman
-        pearson = stats.pearsonr(x, y)
-        spearman = stats.spearmanr(x, y)
-    return float(pearson.statistic), float(pearson.pvalue), float(spearman.statistic), float(spearman.pvalue), ""
-
-
 def correlation(table: pd.DataFrame) -> pd.DataFrame:
     """Across the rows of a Table 3 view or of ``replicates`` (one per trained model), per data set: Pearson and
     Spearman correlation, with p-values and n, between GBR and clean top-1, each adversarial top-1, the
     generalization gap (train - clean top-1, where the train accuracy is known) and the summed squared weight norms;
     the same for each scale-free companion of GBR (``GBR_MEASURES``) that at least 3 models have, so a reader sees
-    whether a correlation survives removing the logits' scale. Fewer than 3 models: NaN and a note, no error."""
+    whether a correlation survives removing the logits' scale. Fewer than 3 models: NaN and a note, no error; fewer
+    than ``MIN_P_VALUE_MODELS``: the coefficients without p-values. ``attrs["tested"]``: how many p-values there are
+    (a note says what that means for the smallest of them)."""
     notes: list[str] = []
     columns = ["dataset", "x", "y", "attack", "norm", "eps", "n", "pearson_r", "pearson_p", "spearman_rho",
                "spearman_p", "note"]
@@ -353,7 +398,7 @@ def correlation(table: pd.DataFrame) -> pd.DataFrame:
                 both = rows[[measure, name]].astype(float).replace([np.inf, -np.inf], np.nan).dropna()  # diverged
                 if name == "gen_gap" and both.empty:
                     continue  # no train accuracy known: nothing to say
-                r, r_p, rho, rho_p, note = _correlate(both[measure].to_numpy(), both[name].to_numpy())
+                r, r_p, rho, rho_p, note = correlate(both[measure].to_numpy(), both[name].to_numpy(), MIN_MODELS)
                 records.append({"dataset": dataset, "x": measure, "y": name, "attack": threat.attack,
                                 "norm": threat.norm, "eps": threat.eps, "n": len(both), "pearson_r": r,
                                 "pearson_p": r_p, "spearman_rho": rho, "spearman_p": rho_p, "note": note})
@@ -361,28 +406,9 @@ def correlation(table: pd.DataFrame) -> pd.DataFrame:
         notes.append("no models: no correlation")
     for note in notes:
         log.warning(note)
-    return with_notes(pd.DataFrame(records, columns=columns), notes)
-
-
-def accuracy_vs_eps(table: pd.DataFrame) -> pd.DataFrame:
-    """Long form for the accuracy-vs-eps plot: one row per table row x threat, plus the clean accuracy at eps 0 for
-    every attack curve. Columns label, dataset, attack, norm, eps, top1, std (fractions)."""
-    records = []
-    for _, row in table.iterrows():
-        for column, threat in threat_columns(table):
-            if pd.isna(row[column]):
-                continue
-            std = row.get(f"{column}:std", math.nan)
-            records.append({"label": row["label"], "dataset": row["dataset"], "attack": threat.attack,
-                            "norm": threat.norm, "eps": threat.eps, "top1": float(row[column]), "std": float(std)})
-    curves = pd.DataFrame(records, columns=["label", "dataset", "attack", "norm", "eps", "top1", "std"])
-    clean = []
-    for (label, attack, norm), _ in curves.groupby(["label", "attack", "norm"], sort=False):
-        row = table[table["label"] == label].iloc[0]
-        if not pd.isna(row["clean_top1"]) and not (curves[(curves["label"] == label) & (curves["attack"] == attack)
-                                                          & (curves["norm"] == norm)]["eps"] == 0).any():
-            clean.append({"label": label, "dataset": row["dataset"], "attack": attack, "norm": norm, "eps": 0.0,
-                          "top1": float(row["clean_top1"]), "std": float(row.get("clean_top1:std", math.nan))})
-    if clean:
-        curves = pd.concat([pd.DataFrame(clean), curves], ignore_index=True)
-    return curves.sort_values(["attack", "norm", "label", "eps"], kind="stable").reset_index(drop=True)
+    table = pd.DataFrame(records, columns=columns)
+    # Every p-value printed is a test: the reader needs the count to judge the smallest of them.
+    table.attrs["tested"] = tested = int(table[["pearson_p", "spearman_p"]].notna().to_numpy().sum())
+    if len(table):
+        notes.append(multiple_comparisons_note(tested))
+    return with_notes(table, notes)

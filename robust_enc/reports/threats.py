@@ -10,6 +10,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from robust_enc.errors import UserError
+from robust_enc.runtime.progress import format_eps
 
 CLEAN = "none"  # the attack name of the clean row (eps 0)
 # Default leaderboard attack, strongest first (the per-example worst case, as RobustBench ranks by AutoAttack).
@@ -75,7 +76,15 @@ def _attack_matches(label: str, attack: str) -> bool:
 
 
 def _eps_text(values: Iterable[float]) -> str:
-    return ", ".join(f"{e:.6g} ({e * 255:.3g}/255)" for e in sorted(set(values)))
+    return ", ".join(format_eps(e) for e in sorted(set(values)))
+
+
+def base_column(name: str) -> str:
+    """The threat column a derived column belongs to: ``adv:a:n:e`` for ``adv:a:n:e:std``, ``n:adv:a:n:e``...;
+    any other name as it is."""
+    parts = str(name).split(":")
+    start = next((i for i, part in enumerate(parts) if part == "adv"), None)
+    return ":".join(parts[start:start + 4]) if start is not None and len(parts) >= start + 4 else str(name)
 
 
 def select_threats(table: pd.DataFrame, *, attack: str | None = None,
@@ -98,7 +107,7 @@ def select_threats(table: pd.DataFrame, *, attack: str | None = None,
                             f"{_eps_text(t.eps for _, t in keep) or 'none'}")
         keep = [(c, t) for c, t in keep if any(abs(t.eps - e) <= EPS_TOL for e in wanted)]
     dropped = {c for c, _ in threats} - {c for c, _ in keep}
-    columns = [c for c in table.columns if str(c).split(":std")[0].split(":delta")[0] not in dropped]
+    columns = [c for c in table.columns if base_column(c) not in dropped]
     return with_notes(table[columns].copy(), table.attrs.get("notes", []))
 
 

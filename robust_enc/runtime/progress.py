@@ -27,11 +27,28 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LINE_EVERY_S = 60.0  # seconds between a running task's lines when there are no bars
+EPS_K_TOL = 1e-9  # eps * 255 this close to an integer k >= 1 is shown as "k/255"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 _bars: Any = None  # the rich Progress while ``display()`` shows bars
 _open: list[Task] = []  # open tasks, outermost first: a new task nests under the last
+
+
+def format_eps(eps: float, norm: str = "linf") -> str:
+    """An eps as every rendered place shows it: Linf multiples of 1/255 (within ``EPS_K_TOL``) as "16/255", anything
+    else as the float with the digits it needs ("0.03", "1e-30", "0.123457"; never rounded to "0")."""
+    eps = float(eps)
+    k = eps * 255
+    if norm == "linf" and k >= 0.5 and abs(k - round(k)) <= EPS_K_TOL:
+        return f"{round(k)}/255"
+    if eps != eps or eps in (float("inf"), float("-inf")):
+        return str(eps)
+    for digits in (4, 6, 9):  # the shortest of these that reads back as eps (to 1e-9 relative), else repr's digits
+        text = f"{eps:.{digits}g}"
+        if abs(float(text) - eps) <= 1e-9 * abs(eps):
+            return text
+    return repr(eps)
 
 
 class _Handler(logging.Handler):
@@ -71,6 +88,20 @@ def display(*, show: bool) -> Iterator[None]:
         yield
         return
     from rich.console import Console
+
+    _bars = _progress(Console(stderr=True))
+    _bars.start()
+    try:
+        yield
+    finally:
+        _bars.stop()
+        _bars = None
+
+
+def _progress(console: Any) -> Any:
+    """The bars' columns, laid out for the console's width: the count, times and ETA never wrap or shrink (they are
+    what a reader looks for); the description and the task's text give way first, cut with "…" at the end, and the
+    bar takes what is left (at least 10 characters)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -79,16 +110,20 @@ def display(*, show: bool) -> Iterator[None]:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
 
-    _bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                     console=Console(stderr=True), transient=True)
-    _bars.start()
-    try:
-        yield
-    finally:
-        _bars.stop()
-        _bars = None
+    def fixed() -> Column:
+        return Column(no_wrap=True)
+
+    def flexible(ratio: int) -> Column:
+        return Column(no_wrap=True, overflow="ellipsis", ratio=ratio, min_width=8)
+
+    return Progress(TextColumn("{task.description}", table_column=flexible(2)),
+                    BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=10)),
+                    MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
+                    TextColumn("eta", table_column=fixed()), TimeRemainingColumn(table_column=fixed()),
+                    TextColumn("{task.fields[info]}", table_column=flexible(2)),
+                    console=console, transient=True, expand=True)
 
 
 class Task:
