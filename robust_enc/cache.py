@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_enc.errors import UserError
-from robust_enc.images import DatasetInfo, ImageFiles, collate_readable, eval_decode_transform, levels_of, to_float
+from robust_enc.images import DatasetInfo, ImageFiles, collate_readable, levels_of, to_float
+from robust_enc.preprocessing import Preprocessing, suite_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,20 @@ def _image_files(dataset: Dataset) -> list[tuple[str, int]]:
                     "or generated, so it needs no cache: leave --cache out")
 
 
-def transform_description(image_size: int) -> str:
+def transform_description(image_size: int, preprocessing: Preprocessing | None = None) -> str:
+    """What the stored pixels depend on: the suite's own decode (its text as it always was, so existing caches stay
+    valid) or the model's (``preprocessing``), and the libraries that compute it."""
     import PIL
     import torchvision
 
-    return (f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW; "
-            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+    if preprocessing is None or preprocessing.decode_text() == suite_preprocessing(image_size).decode_text():
+        decode = f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW"
+    else:
+        decode = preprocessing.decode_text()
+    return f"{decode}; torchvision {torchvision.__version__}, Pillow {PIL.__version__}"
 
 
-def cache_key(info: DatasetInfo, samples: list[tuple[str, int]]) -> str:
+def cache_key(info: DatasetInfo, samples: list[tuple[str, int]], preprocessing: Preprocessing | None = None) -> str:
     files = []
     for path, label in samples:
         try:
@@ -100,16 +106,18 @@ def cache_key(info: DatasetInfo, samples: list[tuple[str, int]]) -> str:
             size = -1  # unreadable now: decoding will count it as skipped
         files.append([os.path.abspath(path), size, label])
     payload = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split,
-               "transform": transform_description(info.input_shape[1]), "files": files}
+               "transform": transform_description(info.input_shape[1], preprocessing), "files": files}
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def cache_folder(cache_dir: str | Path, info: DatasetInfo, samples: list[tuple[str, int]]) -> Path:
+def cache_folder(cache_dir: str | Path, info: DatasetInfo, samples: list[tuple[str, int]],
+                 preprocessing: Preprocessing | None = None) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", info.name).strip("_")[:60]
-    return Path(cache_dir) / f"{name}-{info.split}-{cache_key(info, samples)}"
+    return Path(cache_dir) / f"{name}-{info.split}-{cache_key(info, samples, preprocessing)}"
 
 
-def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], *, workers: int = 0) -> None:
+def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], *, workers: int = 0,
+                preprocessing: Preprocessing | None = None) -> None:
     """Decode ``samples`` with the evaluation transform into ``folder`` (images.npy uint8 (N, 3, S, S), labels.npy,
     meta.json), writing one batch at a time into a temporary folder renamed into place at the end."""
     _, height, width = info.input_shape
@@ -119,7 +127,7 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(samples), 3, height, width))
         labels = np.empty(len(samples), dtype=np.int64)
-        decoder = ImageFiles(samples, eval_decode_transform(height))
+        decoder = ImageFiles(samples, (preprocessing or suite_preprocessing(height)).decode_transform())
         loader = DataLoader(decoder, batch_size=BUILD_BATCH, num_workers=workers, collate_fn=collate_readable)
         kept = 0
         for x, y in loader:
@@ -133,7 +141,8 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         unreadable = len(samples) - kept  # their rows stay unused at the end of images.npy
         np.save(tmp / "labels.npy", labels[:kept])
         meta = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split, "size": kept,
-                "unreadable": unreadable, "transform": transform_description(height), "requested": len(samples)}
+                "unreadable": unreadable, "transform": transform_description(height, preprocessing),
+                "requested": len(samples)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if unreadable:
             log.warning("%d unreadable images were left out of the cache %s", unreadable, folder)
@@ -146,12 +155,14 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *, workers: int = 0) -> CachedImages:
-    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key."""
+def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *, workers: int = 0,
+                   preprocessing: Preprocessing | None = None) -> CachedImages:
+    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key
+    (``preprocessing``: the model's decode, keyed; None = the suite's own)."""
     samples = _image_files(dataset)
     if info.input_shape[0] != 3 or info.input_shape[1] != info.input_shape[2]:
         raise UserError(f"--cache stores square RGB images; {info.name} has {info.input_shape}")
-    folder = cache_folder(cache_dir, info, samples)
+    folder = cache_folder(cache_dir, info, samples, preprocessing)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"--cache {cache_dir} is a file: give a folder (created if missing)")
     if not (folder / "meta.json").is_file():
@@ -163,7 +174,7 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
         else:
             log.warning("decoding %d images into the cache %s (once: later runs read it)", len(samples), folder)
             started = time.perf_counter()
-            build_cache(folder, info, samples, workers=workers)
+            build_cache(folder, info, samples, workers=workers, preprocessing=preprocessing)
             log.warning("cache built in %.0f s", time.perf_counter() - started)
     cached = CachedImages(folder)
     if cached.meta.get("format") != CACHE_FORMAT:
