@@ -299,6 +299,9 @@ def build_network(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedMod
     if argument is not None:
         kwargs["argument"] = argument
     if pretrained:
+        if channels != 3:  # a new stem for other channels would be random: not the library's weights any more
+            raise UserError(f"pretrained {spec.name} takes RGB images, the data set has {channels} channel(s): "
+                            "evaluate it on RGB images, or pass --weights FILE")
         library_weights(spec.name).check(spec.num_classes)
         kwargs["pretrained"] = True
     net = entry.obj(num_classes=spec.num_classes, in_chans=channels, **kwargs)
