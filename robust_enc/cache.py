@@ -1,11 +1,13 @@
 """Decode once: the evaluation transform's output stored in a memory-mapped file, read by every later evaluation.
 
 A study attacks 11 models with several attacks over the same images; decoding and resizing JPEGs each time costs
-more than FGSM on a GPU. ``--cache DIR`` (or ``robust-enc cache``) stores what ``data.eval_decode_transform`` makes of
-each image (resize the short side to 256, centre crop 224, uint8 CHW) in ``DIR/<data set>-<split>-<key>/images.npy``;
-later runs memory-map it and finish with ``data.to_float``, so the tensors are bit for bit those of the decoding
-path. The key hashes the data set, the transform (with torchvision's and Pillow's versions, which decide the pixels)
-and the file list (paths, sizes, labels, order): change any and a new cache is built beside the old one.
+more than FGSM on a GPU. ``--cache DIR`` (or ``robust-enc cache``) stores what the model's decode transform
+(``preprocessing.Preprocessing``: by default the suite's resize of the short side to 256, centre crop 224; a timm
+model's own resize, interpolation and crop) makes of each image, uint8 CHW, in
+``DIR/<data set>-<split>-<key>/images.npy``; later runs memory-map it and finish with ``images.to_float``, so the
+tensors are bit for bit those of the decoding path. The key hashes the data set, the decode transform (with
+torchvision's and Pillow's versions, which decide the pixels; not mean/std, which live in the model) and the file list
+(paths, sizes, labels, order): change any and a new cache is built beside the old one.
 
 The file is written incrementally, one DataLoader batch at a time, into a temporary folder renamed into place when
 complete: peak memory does not grow with the number of images, and a killed build leaves no half cache. Under
