@@ -152,6 +152,11 @@ class ModelSource:
     def build(self, info: DatasetInfo, preprocessing: Preprocessing | None = None) -> nn.Module:
         """The model in eval mode for data set ``info``, its normalization set to ``preprocessing``'s mean/std when
         given (a module:factory or TorchScript model gets a ``Normalize`` in front only for --mean/--std)."""
+        channels = info.input_shape[0]
+        if preprocessing is not None and preprocessing.mean and not (
+                len(preprocessing.mean) == len(preprocessing.std) == channels):
+            raise UserError(f"--mean/--std give {len(preprocessing.mean)}/{len(preprocessing.std)} values, {info.name} "
+                            f"has {channels} channel(s): give one value per channel to each")
         if self.checkpoint is not None:
             model: nn.Module = self._checkpoint_model(info)
         elif self.factory is not None or self.is_torchscript:
@@ -187,9 +192,16 @@ class ModelSource:
         return model.eval()
 
 
-def completed(preprocessing: Preprocessing, info: DatasetInfo) -> Preprocessing:
-    """``preprocessing`` with the data set's mean/std where it left them to the data set."""
-    return replace(preprocessing, mean=preprocessing.mean or info.mean, std=preprocessing.std or info.std)
+def completed(preprocessing: Preprocessing, info: DatasetInfo, overrides: Overrides = Overrides()) -> Preprocessing:
+    """``preprocessing`` with the data set's mean/std where it left them to the data set, or where a library's RGB
+    mean/std meet images of another channel count (a wrong --mean/--std stays: ``build`` refuses it)."""
+    channels = info.input_shape[0]
+    mean, std = preprocessing.mean or info.mean, preprocessing.std or info.std
+    if len(mean) != channels and not overrides.mean:
+        mean = info.mean
+    if len(std) != channels and not overrides.std:
+        std = info.std
+    return replace(preprocessing, mean=mean, std=std)
 
 
 def preprocessing_text(preprocessing: Preprocessing, info: DatasetInfo) -> str:

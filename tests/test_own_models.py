@@ -129,6 +129,8 @@ def test_refused_models_name_the_right_flag(tmp_path, capsys):
     one_line_error(capsys, ["attack", "--weights", weights, *common], "needs --model")
     one_line_error(capsys, ["attack", "--model", "torchscript", "--weights", weights, *common],
                    "not one", "--model NAME")
+    one_line_error(capsys, ["attack", "--model", "resnet_tiny", "--weights", weights, "--mean", "0.5,0.5,0.5",
+                            *common], "--mean/--std give 3/1 values", "1 channel")
     assert not (tmp_path / "o.csv").exists()
 
 

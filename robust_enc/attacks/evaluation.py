@@ -206,7 +206,7 @@ def evaluate(config: AttackConfig, *, max_batches: int | None = None,
                                   download=config.download, subset=config.subset, image_size=source.image_size,
                                   subset_list=config.subset_list or None, cache=config.cache or None,
                                   workers=config.workers, preprocessing=prep)
-    prep = completed(prep, info)
+    prep = completed(prep, info, overrides)
     # ENC/WN/WS baked into plain weights: each layer normalized once here, not in every forward pass of the attacks
     # (the same outputs: bake_model keeps the very tensors the parametrizations compute).
     model = bake_model(source.build(info, prep))

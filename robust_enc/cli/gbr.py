@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     dataset, info = build_dataset(source.dataset(args.dataset), args.split, data_dir=args.data_dir,
                                   download=args.download, subset=args.subset, image_size=source.image_size,
                                   preprocessing=prep)
-    prep = completed(prep, info)
+    prep = completed(prep, info, overrides)
     model = source.build(info, prep)
     ckpt = source.checkpoint
     if ckpt is not None:
