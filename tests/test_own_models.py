@@ -287,18 +287,46 @@ def test_real_pretrained_efficientnet_runs_with_timms_own_preprocessing(tmp_path
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / path.name)
 
-    transform = create_transform(**resolve_model_data_config(model))
-    with torch.no_grad():
-        x = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
-        hits = int((model(x).argmax(1) == torch.tensor([int(p.stem.split("_")[2]) for p in images])).sum())
-    assert hits == 18  # the reference: timm alone
+    labels = torch.tensor([int(p.stem.split("_")[2]) for p in images])
 
-    out = tmp_path / "rows.csv"
-    assert main(["attack", "--model", "timm:tf_efficientnet_lite0", "--weights", str(tmp_path / "lite0.pt"),
-                 "--dataset", "imagenet", "--data-dir", str(tmp_path / "imagenet"), "--attack", "fgsm",
-                 "--eps", "1/255", "--batch-size", "20", "--device", "cpu", "--out", str(out)]) == 0
-    rows = {r.attack: r for r in read_results(out)}
+    def timm_hits(**config_overrides) -> int:  # the reference: timm alone, its data config (and overrides)
+        transform = create_transform(**{**resolve_model_data_config(model), **config_overrides})
+        with torch.no_grad():
+            x = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+            return int((model(x).argmax(1) == labels).sum())
+
+    def attack(out: Path, *flags: str) -> dict:
+        assert main(["attack", "--model", "timm:tf_efficientnet_lite0", "--weights", str(tmp_path / "lite0.pt"),
+                     "--dataset", "imagenet", "--data-dir", str(tmp_path / "imagenet"), "--attack", "fgsm",
+                     "--eps", "1/255", "--batch-size", "20", "--device", "cpu", "--out", str(out), *flags]) == 0
+        return {r.attack: r for r in read_results(out)}
+
+    hits = timm_hits()
+    assert hits == 18
+    rows = attack(tmp_path / "rows.csv")
     assert rows["none"].n == 20 and rows["none"].clean_top1 == hits / 20
     assert rows["fgsm"].adv_top1 < rows["none"].clean_top1
     assert rows["none"].preprocessing == "resize 256 bicubic, crop 224, mean 0.5,0.5,0.5 std 0.5,0.5,0.5"
     assert rows["none"].weights == "lite0.pt"
+
+    # The flags override the model's own: ImageNet's mean/std and a bilinear resize, as the fixed pipeline had.
+    imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    other = attack(tmp_path / "other.csv", "--interpolation", "bilinear", "--mean", "0.485,0.456,0.406",
+                   "--std", "0.229,0.224,0.225", "--crop-pct", "0.875")
+    assert other["none"].clean_top1 == timm_hits(interpolation="bilinear", **imagenet) / 20 < hits / 20
+    assert other["none"].preprocessing.startswith("resize 256 bilinear, crop 224, mean 0.485,0.456,0.406")
+
+
+def test_torchvision_pretrained_takes_its_weights_transforms():
+    """torchvision's weights carry their own evaluation transforms (ResNet-50's DEFAULT: resize 232, crop 224)."""
+    import torchvision
+
+    from robust_enc.models import library_preprocessing
+
+    preset = torchvision.models.ResNet50_Weights.DEFAULT.transforms()
+    prep = library_preprocessing("resnet50", pretrained=True)
+    assert (prep.resize, prep.crop, prep.interpolation) == (preset.resize_size[0], preset.crop_size[0],
+                                                            preset.interpolation.value)
+    assert (prep.mean, prep.std) == (tuple(preset.mean), tuple(preset.std))
+    assert library_preprocessing("resnet50", pretrained=False) is None  # a weights file: the suite's pipeline
+    assert library_preprocessing("resnet20", pretrained=False) is None
