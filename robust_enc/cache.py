@@ -1,11 +1,13 @@
 """Decode once: the evaluation transform's output stored in a memory-mapped file, read by every later evaluation.
 
 A study attacks 11 models with several attacks over the same images; decoding and resizing JPEGs each time costs
-more than FGSM on a GPU. ``--cache DIR`` (or ``robust-enc cache``) stores what ``data.eval_decode_transform`` makes of
-each image (resize the short side to 256, centre crop 224, uint8 CHW) in ``DIR/<data set>-<split>-<key>/images.npy``;
-later runs memory-map it and finish with ``data.to_float``, so the tensors are bit for bit those of the decoding
-path. The key hashes the data set, the transform (with torchvision's and Pillow's versions, which decide the pixels)
-and the file list (paths, sizes, labels, order): change any and a new cache is built beside the old one.
+more than FGSM on a GPU. ``--cache DIR`` (or ``robust-enc cache``) stores what the model's decode transform
+(``preprocessing.Preprocessing``: by default the suite's resize of the short side to 256, centre crop 224; a timm
+model's own resize, interpolation and crop) makes of each image, uint8 CHW, in
+``DIR/<data set>-<split>-<key>/images.npy``; later runs memory-map it and finish with ``images.to_float``, so the
+tensors are bit for bit those of the decoding path. The key hashes the data set, the decode transform (with
+torchvision's and Pillow's versions, which decide the pixels; not mean/std, which live in the model) and the file list
+(paths, sizes, labels, order): change any and a new cache is built beside the old one.
 
 Never served stale: meta.json records each source file's size, mtime and sha256 and those of images.npy and
 labels.npy. Every use compares the sizes and mtimes (a stat per file) and hashes the bytes of any that changed;
@@ -39,11 +41,10 @@ from robust_enc.images import (
     DatasetInfo,
     ImageFiles,
     collate_readable,
-    eval_decode_transform,
-    eval_transform_description,
     levels_of,
     to_float,
 )
+from robust_enc.preprocessing import Preprocessing, suite_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,20 @@ def _image_files(dataset: Dataset) -> list[tuple[str, int]]:
                     "or generated, so it needs no cache: leave --cache out")
 
 
-def transform_description(image_size: int) -> str:
-    return eval_transform_description(image_size)
+def transform_description(image_size: int, preprocessing: Preprocessing | None = None) -> str:
+    """What the stored pixels depend on: the suite's own decode (its text as it always was, so existing caches stay
+    valid) or the model's (``preprocessing``), and the libraries that compute it."""
+    import PIL
+    import torchvision
+
+    if preprocessing is None or preprocessing.decode_text() == suite_preprocessing(image_size).decode_text():
+        decode = f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW"
+    else:
+        decode = preprocessing.decode_text()
+    return f"{decode}; torchvision {torchvision.__version__}, Pillow {PIL.__version__}"
 
 
-def cache_key(info: DatasetInfo, samples: list[tuple[str, int]]) -> str:
+def cache_key(info: DatasetInfo, samples: list[tuple[str, int]], preprocessing: Preprocessing | None = None) -> str:
     files = []
     for path, label in samples:
         try:
@@ -109,13 +119,14 @@ def cache_key(info: DatasetInfo, samples: list[tuple[str, int]]) -> str:
             size = -1  # unreadable now: decoding will count it as skipped
         files.append([os.path.abspath(path), size, label])
     payload = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split,
-               "transform": transform_description(info.input_shape[1]), "files": files}
+               "transform": transform_description(info.input_shape[1], preprocessing), "files": files}
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def cache_folder(cache_dir: str | Path, info: DatasetInfo, samples: list[tuple[str, int]]) -> Path:
+def cache_folder(cache_dir: str | Path, info: DatasetInfo, samples: list[tuple[str, int]],
+                 preprocessing: Preprocessing | None = None) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", info.name).strip("_")[:60]
-    return Path(cache_dir) / f"{name}-{info.split}-{cache_key(info, samples)}"
+    return Path(cache_dir) / f"{name}-{info.split}-{cache_key(info, samples, preprocessing)}"
 
 
 def file_digest(path: str | Path) -> str:
@@ -137,7 +148,8 @@ def fingerprint(path: str | Path, *, with_digest: bool = True) -> list:
         return [-1, -1, ""]
 
 
-def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], *, workers: int = 0) -> None:
+def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], *, workers: int = 0,
+                preprocessing: Preprocessing | None = None) -> None:
     """Decode ``samples`` with the evaluation transform into ``folder`` (images.npy uint8 (N, 3, S, S), labels.npy,
     meta.json), writing one batch at a time into a temporary folder renamed into place at the end."""
     _, height, width = info.input_shape
@@ -148,7 +160,7 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(samples), 3, height, width))
         labels = np.empty(len(samples), dtype=np.int64)
-        decoder = ImageFiles(samples, eval_decode_transform(height))
+        decoder = ImageFiles(samples, (preprocessing or suite_preprocessing(height)).decode_transform())
         loader = DataLoader(decoder, batch_size=BUILD_BATCH, num_workers=workers, collate_fn=collate_readable)
         kept = 0
         for x, y in loader:
@@ -162,7 +174,8 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
         unreadable = len(samples) - kept  # their rows stay unused at the end of images.npy
         np.save(tmp / "labels.npy", labels[:kept])
         meta = {"format": CACHE_FORMAT, "dataset": info.name, "split": info.split, "size": kept,
-                "unreadable": unreadable, "transform": transform_description(height), "requested": len(samples),
+                "unreadable": unreadable, "transform": transform_description(height, preprocessing),
+                "requested": len(samples),
                 "shape": [len(samples), 3, height, width], "images": fingerprint(tmp / "images.npy"),
                 "labels": fingerprint(tmp / "labels.npy"),
                 "sources": [[os.path.abspath(path), *print_] for (path, _), print_ in zip(samples, sources)]}
@@ -198,16 +211,18 @@ def stale_reason(folder: Path, meta: dict[str, Any], *, full: bool = False) -> s
     return ""
 
 
-def _build_logged(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], workers: int) -> None:
+def _build_logged(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]], workers: int,
+                  preprocessing: Preprocessing | None) -> None:
     log.warning("decoding %d images into the cache %s (once: later runs read it)", len(samples), folder)
     started = time.perf_counter()
-    build_cache(folder, info, samples, workers=workers)
+    build_cache(folder, info, samples, workers=workers, preprocessing=preprocessing)
     log.warning("cache built in %.0f s", time.perf_counter() - started)
 
 
 def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *, workers: int = 0,
-                   verify: bool = False) -> CachedImages:
-    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key.
+                   verify: bool = False, preprocessing: Preprocessing | None = None) -> CachedImages:
+    """``dataset``'s images from the cache under ``cache_dir``, building it first when there is none for this key
+    (``preprocessing``: the model's decode, keyed; None = the suite's own).
 
     Every use checks the size and mtime of images.npy and of every source file (a stat each), and the bytes of those
     whose size or mtime changed; ``verify`` checks every byte. A stale or damaged cache is never served: it is rebuilt
@@ -215,7 +230,7 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
     samples = _image_files(dataset)
     if info.input_shape[0] != 3 or info.input_shape[1] != info.input_shape[2]:
         raise UserError(f"--cache stores square RGB images; {info.name} has {info.input_shape}")
-    folder = cache_folder(cache_dir, info, samples)
+    folder = cache_folder(cache_dir, info, samples, preprocessing)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"--cache {cache_dir} is a file: give a folder (created if missing)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -225,7 +240,7 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
             while not (folder / "meta.json").is_file():  # torchrun ends every rank if the builder fails
                 time.sleep(1.0)
         else:
-            _build_logged(folder, info, samples, workers)
+            _build_logged(folder, info, samples, workers, preprocessing)
     meta = read_meta(folder)
     if reason := stale_reason(folder, meta, full=verify):
         if world > 1:
@@ -233,7 +248,7 @@ def cached_dataset(dataset: Dataset, info: DatasetInfo, cache_dir: str | Path, *
                             f"--cache {cache_dir}' (same data options) in one process before this run")
         log.warning("the decode cache %s is stale (%s): rebuilding it", folder, reason)
         shutil.rmtree(folder)
-        _build_logged(folder, info, samples, workers)
+        _build_logged(folder, info, samples, workers, preprocessing)
         meta = read_meta(folder)
         if reason := stale_reason(folder, meta, full=True):  # the files change while being read
             raise UserError(f"the decode cache {folder} is stale right after its build ({reason}): are the images "

@@ -28,6 +28,7 @@ from robust_enc.models import ModelSpec, NormalizedModel
 from robust_enc.regularizers import build_model
 from robust_enc.results import library_versions
 from robust_enc.runtime.seeding import safe_rng_state
+from robust_enc.user_models import is_torchscript
 
 FORMAT = "robust-enc-checkpoint"
 FORMAT_VERSION = 2  # 2: loads with weights_only=True; 1: pickled numpy RNG states (convert to load)
@@ -203,18 +204,15 @@ def model_from_checkpoint(ckpt: Checkpoint) -> NormalizedModel:
     return model.eval()
 
 
-def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
-    """A torchvision/timm state dict (keys without our ``net.`` prefix) loaded into the registry model, or
-    ``weights="pretrained"``: the library's own pretrained weights (downloaded, so the machine must be online)."""
-    if str(weights) == "pretrained":
-        try:
-            return build_model(spec, pretrained=True).eval()
-        except (OSError, RuntimeError) as err:  # urllib/hub errors when offline
-            raise UserError(f"cannot fetch pretrained weights for {spec.name} ({err.__class__.__name__}): the "
-                            "machine must be online; or pass --weights PATH to a downloaded state dict") from None
+def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict file (names -> tensors; a ``{"state_dict": ...}`` wrapper and DDP's ``module.`` prefix are
+    taken off), read with ``weights_only=True``; anything else is one line naming the flag that takes it."""
     weights = Path(weights)
     if not weights.is_file():
         raise UserError(f"weights file {weights} does not exist")
+    if is_torchscript(weights):
+        raise UserError(f"{weights} is a TorchScript file (a whole model, not a state dict): pass --model torchscript "
+                        f"--weights {weights}, or --checkpoint {weights}")
     try:
         state = read_safely(weights, "weights")
     except UserError:
@@ -231,7 +229,20 @@ def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
         held = type(state).__name__ if not isinstance(state, dict) else "a mapping that is not names -> tensors"
         raise UserError(f"{weights} holds {held}, not a state dict (parameter names -> tensors): save "
                         "model.state_dict() with torch.save, then pass that file as --weights")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_plain_weights(spec: ModelSpec, weights: str | Path) -> NormalizedModel:
+    """A torchvision/timm state dict (keys without our ``net.`` prefix) loaded into the registry model, or
+    ``weights="pretrained"``: the library's own pretrained weights (``models.library_weights``: one line when the
+    model has none, or the machine cannot fetch them; never random weights in their place)."""
+    if str(weights) == "pretrained":
+        try:
+            return build_model(spec, pretrained=True).eval()
+        except (OSError, RuntimeError) as err:  # the download failed after the reachability check
+            raise UserError(f"cannot fetch pretrained weights for {spec.name} ({_first_line(err)}): the machine "
+                            "must be online; or pass --weights PATH to a downloaded state dict") from None
+    state = read_state_dict(weights)
     model = build_model(spec)
     if not any(k.startswith("net.") for k in state):
         state = {**{f"net.{k}": v for k, v in state.items()},
@@ -325,54 +336,3 @@ def convert_checkpoint(path: str | Path) -> bool:
     return True
 
 
-# ------------------------------------------------------------------------------------------------ what gets measured
-@dataclass
-class ModelSource:
-    """The model a measurement (attack, GBR) takes: a robust-enc checkpoint, or a registry model with plain
-    torchvision/timm weights (a state-dict file, or ``pretrained``)."""
-
-    checkpoint: Checkpoint | None = None
-    model: str = ""  # model registry name, with ``weights``
-    weights: str = ""
-
-    @classmethod
-    def open(cls, *, checkpoint: str = "", model: str = "", weights: str = "") -> ModelSource:
-        """Read the checkpoint (run folder or file), or take --model/--weights; anything else is a UserError."""
-        if bool(checkpoint) == bool(model or weights):
-            raise UserError("give either --checkpoint or --model with --weights, not both: --checkpoint "
-                            "RUN_OR_FILE, or --model NAME --weights PATH")
-        if checkpoint:
-            return cls(load_checkpoint(checkpoint))
-        if not (model and weights):
-            raise UserError("--model and --weights go together: --model NAME --weights PATH")
-        return cls(None, model, weights)
-
-    def dataset(self, given: str | None) -> str:
-        """The data set to measure on: ``given``, else the one the checkpoint was trained on."""
-        info = self.checkpoint.dataset_info if self.checkpoint is not None else None
-        if given or info is not None:
-            return given or info.name
-        if self.checkpoint is not None:
-            raise UserError(f"checkpoint {self.checkpoint.path} records no data set: pass --dataset")
-        raise UserError("--model/--weights needs --dataset (the model is built for that data set's classes and size)")
-
-    @property
-    def image_size(self) -> int | None:
-        """Square inputs of a checkpoint's model: image-folder data sets are resized to what it was trained on."""
-        if self.checkpoint is None:
-            return None
-        _, height, width = self.checkpoint.spec.input_shape
-        return int(height) if height == width else None
-
-    def build(self, info: DatasetInfo) -> NormalizedModel:
-        """The model in eval mode, for data set ``info``: a checkpoint's model built for other classes or image sizes
-        is a UserError (plain weights are loaded into the registry model built for ``info``)."""
-        if self.checkpoint is None:
-            spec = ModelSpec(self.model, info.num_classes, info.input_shape, info.mean, info.std)
-            return load_plain_weights(spec, self.weights)
-        spec = self.checkpoint.spec
-        if (spec.num_classes, tuple(spec.input_shape)) != (info.num_classes, tuple(info.input_shape)):
-            raise UserError(f"the model was built for {spec.num_classes} classes of {tuple(spec.input_shape)} images, "
-                            f"but {info.name} ({info.split}) has {info.num_classes} classes of "
-                            f"{tuple(info.input_shape)}: pass the data set the model was trained on (--dataset)")
-        return model_from_checkpoint(self.checkpoint)

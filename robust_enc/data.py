@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,16 @@ from robust_enc.images import (
     SafeImageFolder,
     TensorImages,
     collate_readable,
-    eval_transform_description,
     image_folder_transform,
     to_float,
     uint8_view,
 )
+from robust_enc.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, suite_preprocessing
 from robust_enc.registry import Registry
 
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 Builder = Callable[..., tuple[Dataset, DatasetInfo]]
@@ -174,7 +174,7 @@ DATASETS.register("cifar100", help="CIFAR-100 via torchvision (--data-dir or --d
                    help="ImageNet under --data-dir: val/<wnid>/ (all or some classes), torchvision's root, or the flat "
                         "ILSVRC2012_img_val/ with LOC_val_solution.csv or the devkit; labels in the 1,000-class order")
 def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = False, image_size: int | None = None,
-                   **_: Any) -> tuple[Dataset, DatasetInfo]:
+                   preprocessing: Preprocessing | None = None, **_: Any) -> tuple[Dataset, DatasetInfo]:
     from robust_enc import imagenet
 
     if not data_dir:
@@ -183,16 +183,17 @@ def build_imagenet(split: str, *, data_dir: str | None = None, augment: bool = F
     size = image_size or 224
     layout, samples = imagenet.find_samples(Path(data_dir), split)
     log.info("imagenet %s: %d images, %s layout", split, len(samples), layout)
-    data = ImageFiles(samples, image_folder_transform(augment, size), to_float())
+    prep = _evaluation_preprocessing(size, preprocessing)
+    data = ImageFiles(samples, image_folder_transform(augment, size, prep), to_float())
     # Always the 1,000 classes in the standard order, whatever subset of them is on disk: a pretrained model's outputs.
-    return data, DatasetInfo("imagenet", split, imagenet.NUM_CLASSES, (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
-                             len(data), class_names=imagenet.class_names())
+    return data, DatasetInfo("imagenet", split, imagenet.NUM_CLASSES, (3, size, size), prep.mean, prep.std,
+                             len(data), class_names=imagenet.class_names(), preprocessing=_decode_text(augment, prep))
 
 
 @DATASETS.register("folder", takes_argument=True, evaluation_split="val",
                    help="any ImageFolder: folder:PATH (PATH/<class>/<image>)")
 def build_folder(split: str, *, argument: str, augment: bool = False, image_size: int | None = None,
-                 **_: Any) -> tuple[Dataset, DatasetInfo]:
+                 preprocessing: Preprocessing | None = None, **_: Any) -> tuple[Dataset, DatasetInfo]:
     root = Path(argument)
     if (root / split).is_dir():  # PATH/train, PATH/val layouts; otherwise PATH itself is the (evaluation) split
         root = root / split
@@ -203,10 +204,21 @@ def build_folder(split: str, *, argument: str, augment: bool = False, image_size
         raise UserError(f"folder:{argument} has train/ but no {split}/ subfolder: add {argument}/{split}/<class>/ or "
                         "choose a split it has")
     size = image_size or 224
-    data = SafeImageFolder(root, image_folder_transform(augment, size), to_float())
+    prep = _evaluation_preprocessing(size, preprocessing)
+    data = SafeImageFolder(root, image_folder_transform(augment, size, prep), to_float())
     classes = data.classes
-    return data, DatasetInfo(f"folder:{argument}", split, len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
-                             len(data), class_names=classes)
+    return data, DatasetInfo(f"folder:{argument}", split, len(classes), (3, size, size), prep.mean, prep.std,
+                             len(data), class_names=classes, preprocessing=_decode_text(augment, prep))
+
+
+def _evaluation_preprocessing(size: int, given: Preprocessing | None) -> Preprocessing:
+    """The model's preprocessing for image files at ``size`` (its crop), ImageNet mean/std where it leaves them open."""
+    prep = given or suite_preprocessing(size)
+    return replace(prep, mean=prep.mean or IMAGENET_MEAN, std=prep.std or IMAGENET_STD)
+
+
+def _decode_text(augment: bool, prep: Preprocessing) -> str:
+    return "random resized crop, flip" if augment else f"resize {prep.resize} {prep.interpolation}, crop {prep.crop}"
 
 
 class SyntheticImages(Dataset):
@@ -318,18 +330,22 @@ def _files_root(dataset: Dataset) -> str:
 
 def build_dataset(name: str, split: str, *, data_dir: str | None = None, download: bool = False, subset: int = 0,
                   augment: bool = False, image_size: int | None = None, subset_list: str | None = None,
-                  cache: str | None = None, workers: int = 0,
-                  verify_cache: bool = False) -> tuple[Dataset, DatasetInfo]:
+                  cache: str | None = None, workers: int = 0, verify_cache: bool = False,
+                  preprocessing: Preprocessing | None = None) -> tuple[Dataset, DatasetInfo]:
     """Build a registered data set split; ``subset`` > 0 takes a deterministic class-balanced subset (a ``subset`` at
     least the split's size is the whole split, recorded as its size), ``subset_list`` the image files a list names (in
     its order). ``cache``: a folder for the decoded evaluation images (``robust_enc.cache``), built on first use with
-    ``workers`` DataLoader workers, every byte checked when ``verify_cache``. The info records the image set's digest,
-    the preprocessing and where the pixels come from."""
+    ``workers`` DataLoader workers, every byte checked when ``verify_cache``. ``preprocessing``: the model's evaluation
+    transform of image files (``preprocessing.Preprocessing``; its crop is the image size). The info records the image
+    set's digest, the decode of image files and where the pixels come from."""
     entry, argument = DATASETS.lookup(name)
+    if preprocessing is not None:
+        image_size = preprocessing.crop
     if data_dir and not download and not Path(data_dir).is_dir():  # not a silent fallback to the system copy
         raise UserError(f"--data-dir {data_dir} is not a folder; give the folder holding the {name} files, or leave "
                         "--data-dir out to use the default location")
-    kwargs: dict[str, Any] = dict(data_dir=data_dir, download=download, augment=augment, image_size=image_size)
+    kwargs: dict[str, Any] = dict(data_dir=data_dir, download=download, augment=augment, image_size=image_size,
+                                  preprocessing=preprocessing)
     if argument is not None:
         kwargs["argument"] = argument
     dataset, info = entry.obj(split, **kwargs)
@@ -351,17 +367,17 @@ def build_dataset(name: str, split: str, *, data_dir: str | None = None, downloa
     elif subset:
         dataset = Subset(dataset, balanced_subset_indices(_targets(dataset), subset))
         info = dataclasses.replace(info, size=len(dataset), subset=len(dataset))  # what ran: 450 of --subset 100000
-    preprocessing = (eval_transform_description(info.input_shape[1]) if isinstance(_base(dataset), ImageFiles)
-                     else "none: the stored images in [0, 1]")
+    # info.preprocessing (the decode of image files, "" for stored arrays) comes from the data set's entry
     info = dataclasses.replace(info, image_set=image_set_digest(info.name, split, _image_items(dataset, root)),
-                               preprocessing=preprocessing, pixels="decoded")
+                               pixels="decoded")
     if cache:
         from robust_enc.cache import cached_dataset
 
         if augment:
             raise UserError("--cache stores the evaluation transform (resize + centre crop); training augments each "
                             "epoch anew, so it cannot use the cache")
-        dataset = cached_dataset(dataset, info, cache, workers=workers, verify=verify_cache)
+        dataset = cached_dataset(dataset, info, cache, workers=workers, verify=verify_cache,
+                                 preprocessing=preprocessing)
         info = dataclasses.replace(info, pixels=f"cache {dataset.folder.name.rsplit('-', 1)[-1]}")
     return dataset, info
 

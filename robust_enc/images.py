@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_enc.errors import UserError
+from robust_enc.preprocessing import Preprocessing, suite_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class DatasetInfo:
     class_names: tuple[str, ...] = field(default=(), compare=False)
     # Provenance a result row records (``data.build_dataset`` fills them; "" = not recorded):
     image_set: str = field(default="", compare=False)  # digest of (data set, split, the indices or the file list)
-    preprocessing: str = field(default="", compare=False)  # the evaluation transform
+    preprocessing: str = field(default="", compare=False)  # image files: their decode ("resize 256 bilinear, crop 224")
     pixels: str = field(default="", compare=False)  # "decoded", or "cache <key>" when the decode cache serves them
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,22 +164,11 @@ def unreadable_count(dataset: Dataset) -> int:
     return int(counter.value) if counter is not None else 0
 
 
-def eval_transform_description(image_size: int) -> str:
-    """``eval_decode_transform`` + ``to_float`` in words, with the versions that decide the pixels."""
-    import PIL
-    import torchvision
-
-    return (f"resize {int(round(image_size * 256 / 224))} antialias, centre crop {image_size}, uint8 CHW; "
-            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
-
-
 def eval_decode_transform(image_size: int) -> Callable:
     """PIL image -> uint8 (3, S, S): resize the short side to S * 256 / 224, centre crop S (the standard ImageNet
-    evaluation). What the decode cache stores; ``to_float`` finishes it."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.ToImage(), v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
-                       v2.CenterCrop(image_size)])
+    evaluation, the suite's own ``preprocessing.suite_preprocessing``). What the decode cache stores; ``to_float``
+    finishes it."""
+    return suite_preprocessing(image_size).decode_transform()
 
 
 def to_float() -> Callable:
@@ -195,14 +185,15 @@ def levels_of(finish: Callable) -> torch.Tensor:
     return finish(torch.arange(256, dtype=torch.uint8).view(1, 1, 256)).flatten()
 
 
-def image_folder_transform(train: bool, image_size: int) -> Callable:
-    """Decode to uint8 (3, S, S); ``to_float`` finishes it."""
+def image_folder_transform(train: bool, image_size: int, preprocessing: Preprocessing | None = None) -> Callable:
+    """Decode to uint8 (3, S, S); ``to_float`` finishes it. ``preprocessing``: the model's evaluation transform
+    (default: the suite's own at ``image_size``)."""
     from torchvision.transforms import v2
 
     # The standard ImageNet recipes: random-resized crop + flip for training; resize 256 / centre crop 224 to evaluate.
     if train:
         return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
-    return eval_decode_transform(image_size)
+    return (preprocessing or suite_preprocessing(image_size)).decode_transform()
 
 
 class Uint8Items(Dataset):

@@ -7,12 +7,15 @@ import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from robust_enc.errors import UserError
+from robust_enc.preprocessing import Preprocessing, from_timm, from_torchvision
 from robust_enc.registry import Registry
 
 
@@ -111,19 +114,23 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+# The suite's own models have no library weights: ``pretrained`` is refused (build_network says so in one line).
 @MODELS.register("resnet20", help="CIFAR-style ResNet-20 (272k params), any input size >= 8", min_size=8)
-def resnet20(num_classes: int, in_chans: int, **_: Any) -> nn.Module:
+def resnet20(num_classes: int, in_chans: int, pretrained: bool = False, **_: Any) -> nn.Module:
+    assert not pretrained, "resnet20 has no pretrained weights"
     return CifarResNet(3, (16, 32, 64), num_classes, in_chans)
 
 
 @MODELS.register("resnet56", help="CIFAR-style ResNet-56 (855k params)", min_size=8)
-def resnet56(num_classes: int, in_chans: int, **_: Any) -> nn.Module:
+def resnet56(num_classes: int, in_chans: int, pretrained: bool = False, **_: Any) -> nn.Module:
+    assert not pretrained, "resnet56 has no pretrained weights"
     return CifarResNet(9, (16, 32, 64), num_classes, in_chans)
 
 
 @MODELS.register("resnet_tiny", help="one block per stage, widths 8/16/32 (~20k params): for 8x8 and 28x28 tests",
                  min_size=4)
-def resnet_tiny(num_classes: int, in_chans: int, **_: Any) -> nn.Module:
+def resnet_tiny(num_classes: int, in_chans: int, pretrained: bool = False, **_: Any) -> nn.Module:
+    assert not pretrained, "resnet_tiny has no pretrained weights"
     return CifarResNet(1, (8, 16, 32), num_classes, in_chans)
 
 
@@ -144,11 +151,8 @@ def _torchvision(arch: str, stem: str, min_size: int, help: str) -> None:
     def build(num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         import torchvision
 
-        weights = "DEFAULT" if pretrained else None
-        if pretrained:
-            net = torchvision.models.get_model(arch, weights=weights)  # downloads: needs network
-            if num_classes != net.fc.out_features if hasattr(net, "fc") else False:
-                raise UserError(f"pretrained {arch} has 1000 classes, the data set {num_classes}")
+        if pretrained:  # build_network checked the classes and that the download can happen
+            net = torchvision.models.get_model(arch, weights="DEFAULT")
         else:
             net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
         _set_in_chans(net, stem, in_chans)
@@ -192,6 +196,96 @@ def timm_any(num_classes: int, in_chans: int, argument: str, **kwargs: Any) -> n
     return _timm_build(argument, num_classes, in_chans, **kwargs)
 
 
+# ---------------------------------------------------------------- library weights and preprocessing
+@dataclass(frozen=True)
+class LibraryWeights:
+    """The pretrained weights a library holds for a registry model (``--weights pretrained``)."""
+
+    tag: str  # what ran, for the rows: "timm:tf_efficientnet_lite0.in1k", "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    url: str  # where they download from
+    cached: bool  # already in the library's local cache: no network needed
+    num_classes: int  # the classes the weights were trained for
+
+    def check(self, num_classes: int) -> None:
+        """One line when these weights cannot run for ``num_classes``, or cannot be fetched (offline, not cached):
+        never a randomly initialized head or network in their place."""
+        if num_classes != self.num_classes:
+            raise UserError(f"{self.tag} classifies {self.num_classes} classes, the data set has {num_classes}: "
+                            "evaluate it on a data set of its classes (e.g. --dataset imagenet) or pass --weights FILE")
+        host = urlparse(self.url).hostname or self.url
+        if not self.cached and not _reachable(host):
+            raise UserError(f"--weights pretrained downloads {self.tag} from {host}, which this machine cannot reach: "
+                            "it needs the network once (the library caches the file); or pass --weights FILE")
+
+
+def _reachable(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to ``host`` opens: checked before a download, so an offline machine gets one line at
+    once instead of the hub's retries and a traceback."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_config_model(arch: str) -> nn.Module:
+    """The timm network on the meta device (no memory, no weights): its ``pretrained_cfg`` is all that is read."""
+    with torch.device("meta"):
+        return _timm_build(arch, 1000, 3)
+
+
+def _timm_weights(arch: str) -> LibraryWeights:
+    cfg = _timm_config_model(arch).pretrained_cfg
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        raise UserError(f"timm has no pretrained weights for {arch}: pass --weights FILE (a state dict)")
+    tag = f"timm:{cfg['architecture']}" + (f".{cfg['tag']}" if cfg.get("tag") else "")
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+        cached = any(isinstance(try_to_load_from_cache(cfg["hf_hub_id"], n), str) for n in names)
+        return LibraryWeights(tag, "https://huggingface.co", cached, int(cfg.get("num_classes", 1000)))
+    url = cfg.get("url") or cfg.get("file")
+    cached = Path(torch.hub.get_dir(), "checkpoints", Path(urlparse(url).path).name).is_file()
+    return LibraryWeights(tag, url, cached or bool(cfg.get("file")), int(cfg.get("num_classes", 1000)))
+
+
+def _torchvision_weights(arch: str) -> LibraryWeights:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    cached = Path(torch.hub.get_dir(), "checkpoints", Path(urlparse(weights.url).path).name).is_file()
+    return LibraryWeights(f"torchvision:{weights}", weights.url, cached, len(weights.meta["categories"]))
+
+
+def library_weights(name: str) -> LibraryWeights:
+    """What ``--weights pretrained`` loads for registry model ``name``; a UserError (one line) when there is none."""
+    entry, argument = MODELS.lookup(name)
+    source = entry.meta.get("pretrained_source")
+    if source is None:
+        raise UserError(f"{name} has no pretrained weights (the suite's own model: train it with 'robust-enc train'), "
+                        "so --weights pretrained would run random weights: pass --checkpoint RUN or --weights FILE")
+    arch = argument or name
+    return _timm_weights(arch) if source == "timm" else _torchvision_weights(arch)
+
+
+def library_preprocessing(name: str, *, pretrained: bool) -> Preprocessing | None:
+    """The evaluation preprocessing the library defines for registry model ``name``: timm's data config (any timm
+    weights: they were trained with it), torchvision's pretrained weights' transforms; None for the suite's own
+    models and torchvision weights files (the suite's pipeline, which is torchvision's original one)."""
+    entry, argument = MODELS.lookup(name)
+    source = entry.meta.get("pretrained_source")
+    if source == "timm":
+        return from_timm(_timm_config_model(argument or name))
+    if source == "torchvision" and pretrained:
+        import torchvision
+
+        return from_torchvision(torchvision.models.get_model_weights(argument or name).DEFAULT)
+    return None
+
+
 def build_network(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedModel:
     """Build the plain network from a spec; ``regularizers.build_model`` adds its regularizer's architecture
     changes."""
@@ -205,6 +299,10 @@ def build_network(spec: ModelSpec, *, pretrained: bool = False) -> NormalizedMod
     if argument is not None:
         kwargs["argument"] = argument
     if pretrained:
+        if channels != 3:  # a new stem for other channels would be random: not the library's weights any more
+            raise UserError(f"pretrained {spec.name} takes RGB images, the data set has {channels} channel(s): "
+                            "evaluate it on RGB images, or pass --weights FILE")
+        library_weights(spec.name).check(spec.num_classes)
         kwargs["pretrained"] = True
     net = entry.obj(num_classes=spec.num_classes, in_chans=channels, **kwargs)
     return NormalizedModel(Normalize(spec.mean, spec.std), net)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -357,9 +358,10 @@ def _read_results(path: Path) -> list[ResultRow]:
 def _read_csv(path: Path) -> list[ResultRow]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        # Today's header, or an older version's: it without the column groups added since (v3's lacks v4's group).
-        accepted = [[n for n in FIELD_NAMES if not any(n in group for group in ADDED_GROUPS[k:])]
-                    for k in range(len(ADDED_GROUPS) + 1)]
+        # Today's header, or it without any of the column groups added since v1 (v3's lacks v4's group, v1's all).
+        accepted = [[n for n in FIELD_NAMES if not any(n in group for group in dropped)]
+                    for dropped in itertools.chain.from_iterable(
+                        itertools.combinations(ADDED_GROUPS, k) for k in range(len(ADDED_GROUPS) + 1))]
         if reader.fieldnames not in accepted:
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")

@@ -449,7 +449,7 @@ BAD_INPUTS = {  # case -> (argv builder, words the one line must hold)
                          ("--workers must be >= 0",)),
     "--eps -1/255": (lambda t, r: ["attack", "--checkpoint", r, "--eps", "-1/255", "--out", t / "o.csv"],
                      ("eps -1/255", "outside [0, 1]")),
-    "checkpoint as --weights": (lambda t, r: ["attack", "--model", "resnet_tiny", "--weights", r / "checkpoint.pt",
+    "checkpoint as --weights": (lambda t, r: ["attack", "--model", "resnet20", "--weights", r / "checkpoint.pt",
                                               "--dataset", "digits", "--device", "cpu", "--out", t / "o.csv"],
                                 ("is a robust-enc checkpoint", "--checkpoint")),
     "--out is a folder": (lambda t, r: ["attack", "--checkpoint", r, "--device", "cpu", "--out", t],

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from robust_enc.attacks.registry import AttackSettings
+from robust_enc.preprocessing import Overrides, parse_overrides
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,17 @@ class AttackConfig:
     seed: int = 0  # seeds random, numpy and torch per batch
     out: str = ""  # results file (.csv/.json); "" = <run>/results.csv next to the checkpoint
     gbr: bool = False  # attach the model's GBR (paper eq. 18) measured on the same examples
+    # Over the model's own preprocessing (timm's data config, torchvision's weights' transforms, the suite's pipeline):
+    mean: tuple[float, ...] = ()  # per channel, in the model's Normalize layer (pixel units); () = the model's
+    std: tuple[float, ...] = ()
+    interpolation: str = ""  # of the resize ("bilinear", "bicubic", ...); "" = the model's
+    crop_pct: float | None = None  # centre crop / resized short side, in (0, 1]; None = the model's
 
     def settings(self) -> AttackSettings:
         return AttackSettings(self.norm, self.steps, self.step_size, self.random_start, self.restarts)
+
+    def overrides(self) -> Overrides:
+        return parse_overrides(self.mean, self.std, self.interpolation, self.crop_pct)
 
 
 @dataclass
@@ -52,7 +61,8 @@ class Provenance:
     checkpoint_hash: str = ""
     train_top1: float = math.nan
     weight_sq_norm: float = math.nan
-    weights: str = ""  # which weights ran: "checkpoint" (a run's), a file's name, "pretrained"
+    weights: str = ""  # which weights ran: the file's name or the library's tag (e.g. "timm:resnet50.a1_in1k")
+    preprocessing: str = ""  # the evaluation transform and normalization (``Preprocessing.text``)
 
 
 @dataclass

@@ -249,7 +249,8 @@ def result_rows(run: Evaluation, provenance: Provenance, gbr: dict[str, Any]) ->
     common = dict(run_id=provenance.run_id, model=provenance.model, regularizer=provenance.regularizer,
                   dataset=info.name, split=info.split, subset=info.subset, seed=config.seed,
                   train_top1=provenance.train_top1, weight_sq_norm=provenance.weight_sq_norm,
-                  checkpoint_hash=provenance.checkpoint_hash, precision=MEASUREMENT_PRECISION, **versions)
+                  checkpoint_hash=provenance.checkpoint_hash, precision=MEASUREMENT_PRECISION, **versions,
+                  weights=provenance.weights, preprocessing=provenance.preprocessing)
     common.update(gbr)
 
     def row(attack: str, norm: str, eps: float, t: dict[str, float], **extra: Any) -> ResultRow:

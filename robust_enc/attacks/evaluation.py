@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,7 +50,9 @@ from robust_enc.runtime.seeding import restored_rng, seed_for
 from robust_enc.runtime.sharding import ShardSampler
 
 if TYPE_CHECKING:
-    from robust_enc.checkpoint import ModelSource
+    import pandas as pd
+
+    from robust_enc.model_sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +176,8 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
                 progress.unlink(missing_ok=True)
             raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
                             "failed to load, see the warnings): fix or replace the files, or pass another --dataset")
-        rows = [dataclasses.replace(row, image_set=info.image_set, preprocessing=info.preprocessing,
-                                    pixels=info.pixels, weights=provenance.weights)
+        rows = [dataclasses.replace(row, image_set=info.image_set, preprocessing=provenance.preprocessing
+                                    or info.preprocessing, pixels=info.pixels, weights=provenance.weights)
                 for row in result_rows(run, provenance, gbr_columns(gbr_sums))]
         flagged = flag_lines(rows)
         if flagged and rank == 0:  # one line per run, on one process; the command line shows them in a panel
@@ -202,23 +204,19 @@ def results_path(config: AttackConfig) -> Path:
 
 def _provenance(source: ModelSource, model: nn.Module) -> Provenance:
     """What the rows say about the model: a checkpoint's run, or the weights file's name."""
-    from robust_enc.checkpoint import CHECKPOINT_NAME, state_hash
+    from robust_enc.checkpoint import state_hash
 
     ckpt = source.checkpoint
     if ckpt is None:
         return Provenance(run_id=Path(source.weights).stem, model=source.model,
                           checkpoint_hash=state_hash(model.state_dict()),
-                          weight_sq_norm=sum(weight_norms(model).values()), weights=Path(source.weights).name)
+                          weight_sq_norm=sum(weight_norms(model).values()))
     metrics = ckpt.metrics or {}
     wsq = metrics.get("weight_sq_norm")
-    # A run's training checkpoint is "checkpoint" (retrained in place: its older rows are replaced); any other
-    # checkpoint file (RUN/exported.pt, a copy) is named, so its rows and the run's never replace each other.
-    name = Path(ckpt.path).name
     return Provenance(run_id=ckpt.run_id, model=ckpt.spec.name, regularizer=ckpt.spec.regularizer,
                       checkpoint_hash=ckpt.content_hash or state_hash(ckpt.state_dict),
                       train_top1=float(metrics.get("train_top1", math.nan)),
-                      weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()),
-                      weights="checkpoint" if name == CHECKPOINT_NAME else name)
+                      weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()))
 
 
 def evaluate(config: AttackConfig, *, max_batches: int | None = None,
@@ -226,44 +224,64 @@ def evaluate(config: AttackConfig, *, max_batches: int | None = None,
     """Run ``config``: load the model, build the data, attack, check, append rows to the results file.
 
     Everything the user can get wrong is checked before the first batch (UserError)."""
-    from robust_enc.checkpoint import ModelSource
+    from robust_enc.model_sources import ModelSource, completed, preprocessing_text
     from robust_enc.regularizers import bake_model
 
     parse_attacks(config.attacks)
     if config.norm not in art_adapter.NORMS:
         raise UserError(f"unknown --norm {config.norm!r}; known: {', '.join(art_adapter.NORMS)}")
     parse_eps(config.eps, config.norm)
+    overrides = config.overrides()
     source = ModelSource.open(checkpoint=config.checkpoint, model=config.model, weights=config.weights)
     name = source.dataset(config.dataset)
+    prep = source.preprocessing(overrides)  # the model's own: resize/crop for image files, mean/std in the model
     dataset, info = build_dataset(name, config.split or evaluation_split(name), data_dir=config.data_dir,
                                   download=config.download, subset=config.subset, image_size=source.image_size,
                                   subset_list=config.subset_list or None, cache=config.cache or None,
-                                  workers=config.workers)
+                                  workers=config.workers, preprocessing=prep)
+    prep = completed(prep, info, overrides)
     # ENC/WN/WS baked into plain weights: each layer normalized once here, not in every forward pass of the attacks
     # (the same outputs: bake_model keeps the very tensors the parametrizations compute).
-    model = bake_model(source.build(info))
+    model = bake_model(source.build(info, prep))
     out = check_results_target(results_path(config))  # a folder or a broken file fails now, not after the attack
-    return run_evaluation(model, dataset, info, config, _provenance(source, model), out=out, max_batches=max_batches,
+    provenance = dataclasses.replace(_provenance(source, model), weights=source.weights_label,
+                                     preprocessing=preprocessing_text(prep, info))
+    if source.checkpoint is None:  # a library's tag or a run folder's name, not "pretrained" or "exported"
+        provenance.run_id = source.run_name
+    return run_evaluation(model, dataset, info, config, provenance, out=out, max_batches=max_batches,
                           on_batch=on_batch)
 
 
-def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *, attacks: Sequence[str] = ("fgsm",),
-              eps: Sequence[float] | str = (1 / 255, 2 / 255, 4 / 255), norm: str = "linf",
-              info: DatasetInfo | None = None, split: str = "", data_dir: str | None = None, subset: int = 0,
-              batch_size: int = 128, device: str = "auto", steps: int | None = None,
-              step_size: float | None = None, random_start: bool = True, restarts: int = 1, seed: int = 0,
-              gbr: bool = False, run_id: str = "model", model_name: str = "", out: str | Path | None = None,
-              on_batch: OnBatch | None = None, checkpoint_hash: str = "") -> list[ResultRow]:
+def threat_norm(threat_model: str) -> str:
+    """"Linf", "L2" (RobustBench's spelling), "linf", "l2", any case -> the suite's norm name; else one line."""
+    norm = str(threat_model).strip().lower()
+    if norm not in art_adapter.NORMS:
+        raise UserError(f"unknown threat model {threat_model!r}: give 'Linf' or 'L2'")
+    return norm
+
+
+def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *,
+                   attacks: str | Sequence[str] = ("fgsm",), eps: float | str | Sequence[float | str] = (1 / 255,
+                   2 / 255, 4 / 255), norm: str = "linf", info: DatasetInfo | None = None, split: str = "",
+                   data_dir: str | None = None, subset: int = 0, batch_size: int = 128, device: str = "auto",
+                   steps: int | None = None, step_size: float | None = None, random_start: bool = True,
+                   restarts: int = 1, seed: int = 0, gbr: bool = False, run_id: str = "model", model_name: str = "",
+                   out: str | Path | None = None, on_batch: OnBatch | None = None,
+                   checkpoint_hash: str = "") -> list[ResultRow]:
     """RobustBench-style one call: clean, each attack at each eps and their worst case for an ``nn.Module`` taking
     images in [0, 1] (normalization inside) and returning logits.
 
     ``dataset``: a registry name (its natural evaluation split unless ``split``) or a Dataset of (x [C, H, W] in
-    [0, 1], label) with its ``info``. The model is moved to ``device`` (and stays there); its train/eval mode,
+    [0, 1], label) with its ``info``. ``attacks``: a name, "fgsm,pgd" or a list; ``eps``: a float, "8/255", or a list;
+    ``norm``: "linf"/"l2" ("Linf"/"L2" too). The model is moved to ``device`` (and stays there); its train/eval mode,
     requires_grad flags and ``.grad`` are restored. Rows are returned, and appended to ``out`` when given.
     ``checkpoint_hash``: the rows' model hash; "" = hash the state dict now (a ResNet-50's 100 MB, copied off the GPU:
     pass it when calling repeatedly, e.g. in a timing loop)."""
     from robust_enc.checkpoint import state_hash
 
+    norm = threat_norm(norm)
+    names = parse_attacks(attacks)  # a string is "fgsm" or "fgsm,pgd", never its letters
+    radii = parse_eps(eps, norm)
     if isinstance(dataset, str):
         data, info = build_dataset(dataset, split or evaluation_split(dataset), data_dir=data_dir, subset=subset)
     else:
@@ -272,12 +290,29 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *, attac
         data = dataset
 
     config = AttackConfig(dataset=info.name, split=info.split, subset=info.subset, batch_size=batch_size,
-                          device=device, attacks=tuple(attacks), eps=parse_eps(eps, norm), norm=norm, steps=steps,
-                          step_size=step_size, random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
+                          device=device, attacks=names, eps=radii, norm=norm, steps=steps, step_size=step_size,
+                          random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
     provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
                             checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),
-                            weight_sq_norm=sum(weight_norms(model).values()))
+                            weight_sq_norm=sum(weight_norms(model).values()), weights="in memory",
+                            preprocessing=f"{info.preprocessing or 'as stored'}, normalization inside the model")
     return run_evaluation(model, data, info, config, provenance, out=Path(out) if out else None, on_batch=on_batch)
+
+
+def benchmark(model: nn.Module, dataset: str | Dataset = "digits", *, threat_model: str = "Linf",
+              eps: float | str | Sequence[float | str] = 8 / 255, attacks: str | Sequence[str] = "fgsm",
+              **options: Any) -> pd.DataFrame:
+    """One call, as RobustBench's ``benchmark``: clean and robust accuracy of ``model`` (images in [0, 1] in, logits
+    out; normalization inside) on ``dataset`` under ``threat_model`` ("Linf" or "L2") at each ``eps`` (a float,
+    "8/255", or a list), for each of ``attacks`` (a name, "fgsm,pgd" or a list). Returns the rows as a DataFrame (the
+    ``ResultRow`` fields as columns: the clean row is ``attack == "none"``); the CLI's attack registry, sanity checks
+    and rows run behind it. ``options``: ``evaluate_model``'s (``subset``, ``device``, ``steps``, ``out``, ...)."""
+    import pandas as pd
+
+    from robust_enc.results import FIELD_NAMES
+
+    rows = evaluate_model(model, dataset, attacks=attacks, eps=eps, norm=threat_model, **options)
+    return pd.DataFrame([row.to_dict() for row in rows], columns=FIELD_NAMES)
 
 
 def _count_batches(run: Evaluation, loader: Iterable, bar: Task, *, start: int, rank: int, world: int,

@@ -15,6 +15,8 @@ from robust_enc.cli.common import (
     add_data_arguments,
     add_device_argument,
     add_file_data_arguments,
+    add_model_arguments,
+    preprocessing_overrides,
     print_flags,
 )
 from robust_enc.results import ResultRow, parse_eps
@@ -22,11 +24,7 @@ from robust_enc.runtime.progress import format_eps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", default="", help="run folder or checkpoint file")
-    model.add_argument("--model", default="", help="model registry name, with --weights (plain state dict)")
-    model.add_argument("--weights", default="",
-                       help="torchvision/timm state-dict file for --model, or 'pretrained' (the library's; online)")
+    add_model_arguments(parser)
     add_data_arguments(parser, default_dataset=None)  # None: the checkpoint's data set
     parser.add_argument("--split", default="", help="data split (default: test, or val where there is no test)")
     add_file_data_arguments(parser)
@@ -59,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
         subset_list=args.subset_list or "", cache=args.cache or "",
         batch_size=args.batch_size, workers=args.workers, device=args.device, attacks=parse_attacks(args.attack),
         eps=parse_eps(args.eps, args.norm), norm=args.norm, steps=args.steps, step_size=args.step_size,
-        random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr)
+        random_start=args.random_start, restarts=args.restarts, seed=args.seed, out=args.out, gbr=args.gbr,
+        **preprocessing_overrides(args))
 
 
 def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None, *, allow_flags: bool = False) -> int:

@@ -34,6 +34,33 @@ def add_file_data_arguments(parser: argparse.ArgumentParser) -> None:
                        "uint8, memory-mapped): built on first use, read by later runs")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to measure (a checkpoint, a registry model with weights, your own architecture, a TorchScript file) and
+    the overrides of its preprocessing."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", default="", help="run folder, checkpoint file (exported.pt too) or TorchScript "
+                       "file (exported.ts)")
+    model.add_argument("--model", default="", help="registry name (see 'robust-enc models'), package.module:factory "
+                       "(your own architecture: a callable returning an nn.Module on images in [0, 1], giving logits), "
+                       "or torchscript; with --weights")
+    model.add_argument("--weights", default="", help="state-dict file for --model, 'pretrained' (the library's own "
+                       "weights: timm, torchvision; downloaded once), or a TorchScript file")
+    prep = parser.add_argument_group("preprocessing (default: the model's own: timm's data config, torchvision's "
+                                     "weights' transforms, else resize 256 bilinear, crop 224, the data's mean/std)")
+    prep.add_argument("--mean", default=None, help="per-channel mean of the model's normalization, e.g. 0.5,0.5,0.5")
+    prep.add_argument("--std", default=None, help="per-channel std of the model's normalization, e.g. 0.5,0.5,0.5")
+    prep.add_argument("--interpolation", default=None, help="resize interpolation: bilinear, bicubic, ...")
+    prep.add_argument("--crop-pct", type=float, default=None, help="centre crop / resized short side, e.g. 0.875")
+
+
+def preprocessing_overrides(args: argparse.Namespace) -> dict:
+    """The preprocessing flags as AttackConfig fields (checked there, once)."""
+    from robust_enc.preprocessing import parse_overrides
+
+    checked = parse_overrides(args.mean, args.std, args.interpolation, args.crop_pct)
+    return dict(mean=checked.mean, std=checked.std, interpolation=checked.interpolation, crop_pct=checked.crop_pct)
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 

@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
-from robust_enc.cli.common import add_data_arguments, add_device_argument
+from robust_enc.cli.common import add_data_arguments, add_device_argument, add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from robust_enc.gbr import OUTPUTS
 
-    source = parser.add_argument_group("model")
-    source.add_argument("--checkpoint", default=None, help="run folder or robust-enc checkpoint file")
-    source.add_argument("--model", default=None, help="model registry name, with --weights (plain state dict)")
-    source.add_argument("--weights", default=None,
-                        help="plain torchvision/timm state dict file, with --model, or 'pretrained' (online)")
+    add_model_arguments(parser)
     add_data_arguments(parser, default_dataset=None)  # default: the checkpoint's data set
     parser.add_argument("--split", default="test", help="data set split (default: test)")
     gbr = parser.add_argument_group("gbr")
@@ -38,28 +33,35 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from robust_enc.checkpoint import CHECKPOINT_NAME, ModelSource, state_hash
+    from robust_enc.checkpoint import state_hash
+    from robust_enc.cli.common import preprocessing_overrides
     from robust_enc.data import build_dataset, build_loader
     from robust_enc.gbr import check_options, measure_gbr
     from robust_enc.io import write_text_atomic
+    from robust_enc.model_sources import ModelSource, completed, preprocessing_text
+    from robust_enc.preprocessing import Overrides
     from robust_enc.results import library_versions
     from robust_enc.runtime.device import resolve_device
 
     check_options(args.output, args.method, args.probes, args.max_exact_classes)  # fail before loading anything
+    overrides = Overrides(**preprocessing_overrides(args))
     device = resolve_device(args.device)
-    source = ModelSource.open(checkpoint=args.checkpoint or "", model=args.model or "", weights=args.weights or "")
+    source = ModelSource.open(checkpoint=args.checkpoint, model=args.model, weights=args.weights)
+    prep = source.preprocessing(overrides)
     dataset, info = build_dataset(source.dataset(args.dataset), args.split, data_dir=args.data_dir,
-                                  download=args.download, subset=args.subset, image_size=source.image_size)
-    model = source.build(info)
+                                  download=args.download, subset=args.subset, image_size=source.image_size,
+                                  preprocessing=prep)
+    prep = completed(prep, info, overrides)
+    model = source.build(info, prep)
     ckpt = source.checkpoint
     if ckpt is not None:
         provenance = {"run_id": ckpt.run_id, "checkpoint": ckpt.path, "checkpoint_hash": ckpt.content_hash,
-                      "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer,
-                      "weights": "checkpoint" if Path(ckpt.path).name == CHECKPOINT_NAME else Path(ckpt.path).name}
+                      "model": ckpt.spec.name, "regularizer": ckpt.spec.regularizer}
     else:
-        provenance = {"run_id": args.weights, "model": args.model, "regularizer": "baseline",
-                      "checkpoint_hash": state_hash(model.state_dict()), "weights": Path(args.weights).name}
-    provenance.update(image_set=info.image_set, preprocessing=info.preprocessing, pixels=info.pixels)
+        provenance = {"run_id": source.run_name, "model": source.model, "regularizer": "baseline",
+                      "checkpoint_hash": state_hash(model.state_dict())}
+    provenance.update(weights=source.weights_label, preprocessing=preprocessing_text(prep, info),
+                      image_set=info.image_set, pixels=info.pixels)
     loader = build_loader(dataset, batch_size=args.batch_size, workers=args.workers)
     result = measure_gbr(model, loader, output=args.output, method=args.method, probes=args.probes, device=device,
                          train_mode=args.train_mode, seed=args.seed, max_exact_classes=args.max_exact_classes)

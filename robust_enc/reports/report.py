@@ -7,6 +7,7 @@ suite wrote), or when it is empty; never because its files' names look like a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -174,7 +175,12 @@ def _index_html(report: Report, figures: list[Path], files: list[str], notes: li
 
 
 def _file_stem(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._") or "model"
+    """A file-name-safe stem; a long run id is cut and given a digest of the whole (names stay unique, and the
+    name plus the atomic writer's temp suffix stays under the 255 bytes a file name may have)."""
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._") or "model"
+    if len(stem) > 120:
+        stem = f"{stem[:100]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return stem
 
 
 def _write_model_info(report: Report, out_dir: Path) -> dict[str, Path]:
