@@ -129,7 +129,12 @@ def hand_written_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     return torch.where(found[:, None, None, None], best, x_adv)
 
 
+@pytest.mark.numerics
 def test_suite_pgd_equals_hand_written_torch_pgd_bit_for_bit(trained, test_batch):
+    """The adapter's PGD equals hand-written torch PGD bit for bit on the same rows, and the runner's count equals
+    the count from hand-written PGD on the rows the runner attacks: the clean-correct ones, in one batch, as the
+    runner forms it (float32 logits of a row can change in the last bits with the rows beside it, so the reference
+    uses the same batches to be exact)."""
     model, _, _ = trained
     x, y = test_batch
     eps = 16 / 255
@@ -143,7 +148,8 @@ def test_suite_pgd_equals_hand_written_torch_pgd_bit_for_bit(trained, test_batch
                                 num_classes=10)
         assert torch.equal(suite, expected)  # bit for bit
         clean_ok = model(x).argmax(1) == y
-        robust = clean_ok & (model(expected).argmax(1) == y)
+        xa, ya = x[clean_ok], y[clean_ok]
+        robust = model(hand_written_pgd(model, xa, ya, eps, 2.5 * eps / 5, 5)).argmax(1) == ya
     assert rows[1].adv_top1 == int(robust.sum()) / 128
     assert rows[1].adv_top1 < rows[0].clean_top1  # the attack does something
 
@@ -222,7 +228,14 @@ def test_every_registered_attack_respects_ball_box_and_clean_bound(trained, norm
             assert worst[r.eps] <= r.adv_top1
 
 
+@pytest.mark.numerics
 def test_invariants_on_the_trained_model(trained):
+    """Structural facts hold exactly (eps 0 is the clean accuracy, worst <= each attack: a per-example AND); "PGD not
+    weaker than FGSM" and "accuracy does not rise with eps" are statistical claims (neither holds per example), so
+    they are checked per example by the runner's exact one-sided McNemar test on the disagreeing examples (flags
+    ``iterative_weaker_than_fgsm``, ``accuracy_increases_with_eps``; p < 0.01, a false alarm in at most 1% of the
+    comparisons where the two are equally strong, far less here, where PGD is the stronger), not on totals, where one
+    image of float32 rounding would decide."""
     model, _, _ = trained
     eps = (0.0, 1 / 255, 4 / 255, 16 / 255, 64 / 255)
     rows = evaluate_model(model, "digits", attacks=("fgsm", "pgd"), eps=eps, steps=5, device="cpu", batch_size=128)
@@ -230,25 +243,24 @@ def test_invariants_on_the_trained_model(trained):
     clean = by[("none", 0.0)]
     assert clean.n == 450 and clean.clean_top1 > 0.9
     for attack in ("fgsm", "pgd", "worst"):
-        accuracies = [by[(attack, e)].adv_top1 for e in eps]
-        assert accuracies[0] == clean.clean_top1  # eps 0 is the clean accuracy
-        assert all(b <= a for a, b in zip(accuracies, accuracies[1:])), (attack, accuracies)  # non-increasing
+        assert by[(attack, 0.0)].adv_top1 == clean.clean_top1  # eps 0 is the clean accuracy
     for e in eps:
-        assert by[("pgd", e)].adv_top1 <= by[("fgsm", e)].adv_top1  # iterative not weaker than one step
-        assert by[("worst", e)].adv_top1 == min(by[("pgd", e)].adv_top1, by[("fgsm", e)].adv_top1) or \
-            by[("worst", e)].adv_top1 < min(by[("pgd", e)].adv_top1, by[("fgsm", e)].adv_top1)
+        assert by[("worst", e)].adv_top1 <= min(by[("pgd", e)].adv_top1, by[("fgsm", e)].adv_top1)
     assert by[("pgd", 64 / 255)].adv_top1 < 0.5 * clean.clean_top1  # the attack does something
+    assert {r.attack for r in rows if r.eps > 0 and r.attack != "worst"} == {"fgsm", "pgd"}  # both were compared
     assert by[("pgd", 4 / 255)].step_size == pytest.approx(2.5 * (4 / 255) / 5)
     assert all(r.flags == "" for r in rows), [r.flags for r in rows]
     assert all(r.images_per_s > 0 and r.wall_s > 0 for r in rows)
     assert math.isnan(clean.clean_top5)  # top-5 only with more than 10 classes
 
 
+@pytest.mark.numerics
 def test_worst_is_the_per_example_and_not_the_minimum_of_the_totals(trained):
     """Per example, worst = robust under FGSM AND under one PGD step from a random start, recomputed here in plain
     torch (the random start drawn with the seed the runner documents for (seed, batch 0, "pgd", eps)). Steps from
     different points break different examples, so a runner that returned min(fgsm, pgd) would report a higher
-    worst-case accuracy than the per-example AND."""
+    worst-case accuracy than the per-example AND. The reference attacks the rows the runner attacks (the clean-correct
+    ones, one batch): a row's float32 gradient and logits can change in the last bits with the rows beside it."""
     model, _, _ = trained
     data, info = build_dataset("digits", "test")
     eps_values = (16 / 255, 32 / 255)
@@ -259,11 +271,12 @@ def test_worst_is_the_per_example_and_not_the_minimum_of_the_totals(trained):
     differs = 0
     with frozen(model):
         clean_ok = model(x).argmax(1) == y
-        xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y), xg)
         xa, ya = x[clean_ok], y[clean_ok]
+        xg = xa.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), ya), xg)
         for eps in eps_values:
-            fgsm_ok = model((x + eps * grad.sign()).clamp(0, 1)).argmax(1) == y
+            fgsm_ok = clean_ok.clone()
+            fgsm_ok[clean_ok] = model((xa + eps * grad.sign()).clamp(0, 1)).argmax(1) == ya
             seed_everything(seed_for(0, 0, "pgd", eps))
             start = (xa + torch.empty_like(xa).uniform_(-eps, eps)).clamp(0, 1)
             pgd_ok = clean_ok.clone()

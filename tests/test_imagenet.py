@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -226,30 +225,66 @@ def test_evaluation_runs_the_baked_model_with_the_parametrized_results(tmp_path,
                                                                     for r in reference]
 
 
+class _FakeClock:
+    """A perf_counter that moves only when told: the evaluation loop's time accounting without reading the clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 class _SlowData(Dataset):
-    """Tiny images whose loading takes a known time: the data wait must account for it."""
+    """Tiny images whose loading takes a known (fake) time: the data wait must account for it."""
 
     delay = 0.05
+
+    def __init__(self, clock: _FakeClock) -> None:
+        self.clock = clock
 
     def __len__(self) -> int:
         return 8
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        time.sleep(self.delay)
+        self.clock.now += self.delay
         return torch.full((1, 8, 8), i / 8), i % 2
 
 
-def test_attack_summary_splits_data_wait_from_compute():
+class _TimedModel(nn.Module):
+    """A linear model whose every forward pass takes a known (fake) time."""
+
+    cost = 0.001
+
+    def __init__(self, clock: _FakeClock) -> None:
+        super().__init__()
+        self.clock, self.net = clock, nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+        self.forward_time = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.cost
+        self.forward_time += self.cost
+        return self.net(x)
+
+
+def test_attack_summary_splits_data_wait_from_compute(monkeypatch):
+    """The accounting, with a fake clock in the evaluation loop (no wall-clock reads): every second spent loading
+    images is data wait, every second in the model's forward passes is compute, and the summary line reports both."""
+    from robust_enc.attacks import evaluation
+
+    clock = _FakeClock()
+    monkeypatch.setattr(evaluation, "time", clock)
     info = DatasetInfo("slow", "test", 2, (1, 8, 8), (0.5,), (0.25,), 8)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    model = _TimedModel(clock)
     reports: list[BatchReport] = []
-    evaluate_model(model, _SlowData(), info=info, attacks=("fgsm",), eps=(0.1,), batch_size=4, device="cpu",
-              on_batch=reports.append)
+    evaluate_model(model, _SlowData(clock), info=info, attacks=("fgsm",), eps=(0.1,), batch_size=4, device="cpu",
+                   on_batch=reports.append)
     last = reports[-1]
-    assert last.session_images == 8
-    assert 8 * _SlowData.delay <= last.data_wait_s < 8 * _SlowData.delay + 1.0
-    assert 0 < last.compute_s < last.data_wait_s  # a linear model on 8 pixels: far cheaper than the sleeps
-    assert "img/s" in last.time_split() and "data wait" in last.time_split()
+    assert last.session_images == 8 and len(reports) == 2
+    assert last.data_wait_s == pytest.approx(8 * _SlowData.delay, rel=1e-9)
+    assert last.compute_s == pytest.approx(model.forward_time, rel=1e-9) and last.compute_s > 0
+    assert last.images_per_s == pytest.approx(8 / (clock.now - 1000.0), rel=1e-9)  # nothing after the last batch
+    assert "img/s" in last.time_split() and "data wait 0.4 s" in last.time_split()
 
 
 def test_attack_cli_with_subset_list_and_cache(tmp_path, capsys):
