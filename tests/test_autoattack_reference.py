@@ -213,17 +213,10 @@ def constructed_run(mode: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, l
 
 
 def test_an_example_fooled_mid_run_and_recovered_at_the_end_counts_as_broken():
-    """The shell model: every start of APGD lies inside the shell (misclassified), its last iterate outside (right).
-    The suite counts all four examples broken; ART's APGD-CE, judged on its final iterate as the old cascade did,
-    returns images the model classifies right."""
-    model, x, y, rows = constructed_run("shell")
+    """The shell model: every start of APGD lies inside the shell (misclassified), and cross-entropy ascent leaves
+    it. The suite counts all four examples broken."""
+    _, _, _, rows = constructed_run("shell")
     assert rows[0].clean_top1 == 1.0 and rows[1].adv_top1 == 0.0
-    classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device=CPU)
-    seed_everything(0)
-    art = art_adapter.apgd(classifier, eps=EPS, norm="linf", steps=100, step_size=2 * EPS, restarts=1,
-                           batch_size=4, loss_type="cross_entropy")
-    final = art_adapter.generate(art, x, y, 10)
-    assert (model(final).argmax(1) == 0).all()  # robust by the final-iterate rule
 
 
 def test_misclassification_into_a_non_target_class_counts_as_broken():
