@@ -278,9 +278,10 @@ def test_worst_is_the_per_example_and_not_the_minimum_of_the_totals(trained):
 
 @pytest.mark.slow
 def test_autoattack_is_at_least_as_strong_as_torchattacks_autoattack(trained):
-    """The suite's cascade (APGD-CE, APGD-T, Square through ART) against torchattacks' independent standard
-    AutoAttack (which also runs FAB-T): robust accuracy at most 0.5 points above it, on 40 test images (at 16/255
-    some stay robust, so the later stages run too)."""
+    """The suite's ``autoattack`` (the reference's APGD-CE, APGD-T, FAB-T, Square) against torchattacks' independent
+    port of the standard AutoAttack: robust accuracy at most 0.5 points above it, on 40 test images (at 16/255 some
+    stay robust, so the later stages run too). The per-example comparison with the reference itself is in
+    test_autoattack_reference.py."""
     torchattacks = pytest.importorskip("torchattacks")
     model, _, _ = trained
     eps = 16 / 255
