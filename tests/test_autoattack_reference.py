@@ -175,11 +175,13 @@ def test_square_memo_changes_no_image_and_forwards_fewer_rows():
 
 
 class Constructed(nn.Module):
-    """10 classes on 1x8x8 images around x0 = 128/255 (class 0): logits of s = mean(x - x0) and r = mean |x - x0|,
-    so that gradient ascent moves every pixel the same way.
+    """10 classes on 1x8x8 images around x0 = 128/255 (class 0), with logits of a few means of x - x0 in eps units.
 
-    ``shell``: class 0 wins everywhere except inside the shell 0.3 eps < r < 0.7 eps, where class 1 wins; the
-    cross-entropy gradient drives s (and r) to eps: a random start lands inside the shell and the attack leaves it.
+    ``corner``: a and b, the means over the top and the bottom half. Class 1 wins only in the corner a, b > 0.9;
+    elsewhere class 0, and classes 2-9 share c = -1 + 0.45 a + 1.8 (b - b^2), whose cross-entropy gradient points
+    to a = b = 1 from the start (APGD's first step of 2 eps lands in the corner: misclassified) and then drives b
+    back to 0.5, where the loss is higher than in the corner and class 0 wins: fooled mid-run, right at the end.
+    Otherwise s = mean(x - x0):
     ``off_target``: cross-entropy ascent lowers s and never flips the label, the targeted DLR loss towards class 1
     raises it, and beyond s > 0.5 eps class 5 (the last target) wins: APGD-T misclassifies into a non-target class."""
 
@@ -189,12 +191,14 @@ class Constructed(nn.Module):
         self.register_buffer("anchor", torch.tensor(1.0))  # a parameter-free module still needs a device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = (x - 128 / 255).flatten(1)
-        s, r = delta.mean(1) / self.eps, delta.abs().mean(1) / self.eps
+        delta = (x - 128 / 255).flatten(1) / self.eps
+        s = delta.mean(1)
         z = torch.full((len(x), 10), -1.0) * self.anchor
-        if self.mode == "shell":
-            z[:, 0] = 1 - s
-            z[:, 1] = -1 + 6 * ((r > 0.3) & (r < 0.7)).float()
+        if self.mode == "corner":
+            a, b = delta[:, :32].mean(1), delta[:, 32:].mean(1)
+            z[:, 0] = 0
+            z[:, 1] = -5 + 5.01 * ((a > 0.9) & (b > 0.9)).float()
+            z[:, 2:] = (-1 + 0.45 * a + 1.8 * (b - b * b))[:, None]
         else:
             z[:, 0] = 0
             z[:, 1] = -0.5 + 0.1 * s
@@ -213,10 +217,17 @@ def constructed_run(mode: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, l
 
 
 def test_an_example_fooled_mid_run_and_recovered_at_the_end_counts_as_broken():
-    """The shell model: every start of APGD lies inside the shell (misclassified), and cross-entropy ascent leaves
-    it. The suite counts all four examples broken."""
-    _, _, _, rows = constructed_run("shell")
+    """The corner model: APGD-CE's first iterate is misclassified, its last is right. The suite counts all four
+    examples broken; ART's APGD-CE, judged on its final iterate as the old cascade did, returns images the model
+    classifies right (its random start when the last iterate fails)."""
+    model, x, y, rows = constructed_run("corner")
     assert rows[0].clean_top1 == 1.0 and rows[1].adv_top1 == 0.0
+    classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device=CPU)
+    seed_everything(0)
+    art = art_adapter.apgd(classifier, eps=EPS, norm="linf", steps=100, step_size=2 * EPS, restarts=1,
+                           batch_size=4, loss_type="cross_entropy")
+    final = art_adapter.generate(art, x, y, 10)
+    assert (model(final).argmax(1) == 0).all()  # robust by the final-iterate rule
 
 
 def test_misclassification_into_a_non_target_class_counts_as_broken():
