@@ -125,12 +125,13 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInf
 
 @pytest.mark.slow
 def test_per_example_like_the_reference_on_digits():
-    """32 digits test images of a briefly trained resnet_tiny at 8/255: the examples the suite calls robust and the
-    reference breaks are not significantly more than the reverse (exact one-sided McNemar, p >= 0.01)."""
+    """32 digits test images of a briefly trained resnet_tiny at 16/255 (at 8/255 all 32 stay robust): the examples
+    the suite calls robust and the reference breaks are not significantly more than the reverse (exact one-sided
+    McNemar, p >= 0.01)."""
     model, info = train("digits", 150)
     x, y = first_images("digits", 32)
     with frozen(model):
-        compare(model, x, y, info, EPS)
+        compare(model, x, y, info, 2 * EPS)
 
 
 @pytest.mark.slow
@@ -155,10 +156,10 @@ def test_same_seeds_and_one_batch_give_the_reference_images_bit_for_bit(monkeypa
         right = model(x).argmax(1) == y
         plan = AutoAttack.plan("autoattack", AttackSettings(steps=STEPS), 10)
         classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=info.input_shape, device=CPU)
-        cascade = AutoAttack(classifier, (EPS,), plan, len(x), lambda eps, stage: seed_everything(0), 10)
+        cascade = AutoAttack(classifier, (2 * EPS,), plan, len(x), lambda eps, stage: seed_everything(0), 10)
         cascade.set_batch(x[right], y[right])
-        ours = cascade.adversarial(EPS)
-        reference = pyautoattack.AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+        ours = cascade.adversarial(2 * EPS)  # at 8/255 all 32 stay robust
+        reference = pyautoattack.AutoAttack(model, norm="Linf", eps=2 * EPS, version="standard", seed=0, device="cpu")
         reference.verbose = False
         shorten(reference)
         theirs, _ = reference.run_standard_evaluation(x, y, batch_size=len(x))
