@@ -32,7 +32,7 @@ from robust_enc.io import locked, write_atomic
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "robust-enc/results"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # v5 drops v4's adv_top5 (an untargeted attack's top-5 is no robust top-5)
 # Columns added in v2 (the scale-free GBR companions): a v1 file reads with them as NaN (not measured).
 ADDED_IN_V2 = ("logit_spread", "gbr_scale_free", "gbr_loss")
 # Added in v3 (the arithmetic of attacks and GBR): older files read with it empty (not recorded).
@@ -41,6 +41,7 @@ ADDED_IN_V3 = ("precision",)
 # older files read with them empty (not recorded), and the report never merges such rows with recorded ones.
 ADDED_IN_V4 = ("image_set", "preprocessing", "pixels", "weights")
 ADDED_GROUPS = (ADDED_IN_V2, ADDED_IN_V3, ADDED_IN_V4)
+DROPPED = ("adv_top5",)  # columns of older files that are read and ignored (adv_top5 was no robust top-5)
 NAN = float("nan")
 
 
@@ -110,7 +111,6 @@ class ResultRow:
     clean_top1: float = NAN  # fraction
     clean_top5: float = NAN
     adv_top1: float = NAN  # fraction correct clean AND adversarial
-    adv_top5: float = NAN
     gbr: float = NAN  # eq. 18 of the paper, on logits unless gbr_output says otherwise
     gbr_stderr: float = NAN
     gbr_output: str = ""
@@ -143,7 +143,7 @@ class ResultRow:
             raise ValueError(f"eps {self.eps} outside [0, 1] pixel units (only an L2 eps may exceed 1)")
         if self.attack == "none" and self.eps != 0.0:
             raise ValueError("the clean row (attack 'none') must have eps 0")
-        for name in ("clean_top1", "clean_top5", "adv_top1", "adv_top5"):
+        for name in ("clean_top1", "clean_top5", "adv_top1"):
             value = getattr(self, name)
             if not math.isnan(value) and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value} is not a fraction in [0, 1]")
@@ -231,6 +231,7 @@ def row_from_dict(data: dict[str, Any], *, source: str = "results", row: int | N
     if None in data:  # csv.DictReader's key for cells beyond the header
         raise UserError(f"{where} has {len(data[None])} more cells than the header; the file is refused: fix that "
                         "row or re-create the file")
+    data = {k: v for k, v in data.items() if k not in DROPPED}
     for added in ADDED_GROUPS:  # a row of an older version: what it lacks was not measured
         if all(n not in data for n in added):
             data = {**data, **dict.fromkeys(added, "")}
@@ -358,11 +359,12 @@ def _read_results(path: Path) -> list[ResultRow]:
 def _read_csv(path: Path) -> list[ResultRow]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        # Today's header, or it without any of the column groups added since v1 (v3's lacks v4's group, v1's all).
+        # Today's header, or it without any of the column groups added since v1 (v3's lacks v4's group, v1's all);
+        # the columns dropped since (v4's adv_top5) are read and ignored.
         accepted = [[n for n in FIELD_NAMES if not any(n in group for group in dropped)]
                     for dropped in itertools.chain.from_iterable(
                         itertools.combinations(ADDED_GROUPS, k) for k in range(len(ADDED_GROUPS) + 1))]
-        if reader.fieldnames not in accepted:
+        if [n for n in reader.fieldnames or [] if n not in DROPPED] not in accepted:
             raise UserError(f"{path}: CSV header does not match the robust-enc v{SCHEMA_VERSION} results schema "
                             f"(expected {len(FIELD_NAMES)} columns starting {FIELD_NAMES[:3]})")
         rows = []

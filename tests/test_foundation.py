@@ -225,7 +225,7 @@ def _same(a: object, b: object) -> bool:
 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_results_round_trip(tmp_path, suffix):
-    full = dict(steps=10, step_size=1 / 255, restarts=2, seed=7, n=100, clean_top5=0.99, adv_top5=0.7, gbr=12.5,
+    full = dict(steps=10, step_size=1 / 255, restarts=2, seed=7, n=100, clean_top5=0.99, gbr=12.5,
                 gbr_stderr=0.5, gbr_output="logits", train_top1=0.97, weight_sq_norm=31.25, wall_s=1.5,
                 images_per_s=66.7, flags="zero-gradients;probabilities", checkpoint_hash="0123456789ab",
                 robust_enc_version="0.1.0", torch_version="2.9.1", art_version="1.20.1",

@@ -13,6 +13,7 @@ from art.attacks.evasion import SquareAttack
 from torch import nn
 
 from robust_enc.attacks import art_adapter
+from robust_enc.attacks.autoattack import MemoForward
 from robust_enc.attacks.evaluation import evaluate_model
 from robust_enc.attacks.registry import ATTACKS, AttackSettings, AutoAttack
 from robust_enc.data import build_dataset, build_loader
@@ -150,21 +151,22 @@ def test_square_forwards_only_new_candidates_and_returns_arts_images(row_model, 
 
 
 def test_autoattack_cascade_with_the_memo_equals_the_one_without(row_model, images, monkeypatch):
-    """The whole cascade (APGD-CE, 9 APGD-T, Square; shortened to 10 iterations and 200 queries) on 64 images at
-    16/255, same seeds: the same adversarial images bit for bit, so the same per-example robustness, as with ART's
-    own predict in Square. The model runs row by row (``RowByRow``): the memo's logits for a row come from a forward
-    pass beside other rows than ART's would, which on a batch-dependent float32 model may change their last bits;
-    here they cannot, so any difference is the memo's."""
+    """The whole cascade (APGD-CE, 9 APGD-T, 9 FAB-T, Square; shortened to 10 iterations and 200 queries) on 64
+    images at 16/255, same seeds: the same adversarial images bit for bit, so the same per-example robustness, as
+    with the bare model as Square's forward. The model runs row by row (``RowByRow``): the memo's logits for a row
+    come from a forward pass beside other rows than the bare model's would, which on a batch-dependent float32 model
+    may change their last bits; here they cannot, so any difference is the memo's."""
     model = row_model
     x, y = images
     eps = 16 / 255
     monkeypatch.setattr(AutoAttack, "SQUARE_QUERIES", 200)
+    monkeypatch.setattr(AutoAttack, "FAB_STEPS", 10)
     plan = ATTACKS.get("autoattack").plan("autoattack", AttackSettings(steps=10), 10)
     outputs = []
     with frozen(model):
         for memo in (True, False):
-            if not memo:
-                monkeypatch.setattr(art_adapter, "memo_classifier", lambda classifier: classifier)
+            if not memo:  # Square on the bare model: every row it asks for is forwarded
+                monkeypatch.setattr(MemoForward, "__call__", lambda self, images: torch.no_grad()(self.model)(images))
             classifier = art_adapter.build_classifier(model, num_classes=10, input_shape=(1, 8, 8), device=CPU)
             cascade = AutoAttack(classifier, (eps,), plan, 64, lambda e, name: seed_everything(
                 seed_for(0, 0, f"autoattack{name}", e)), 10)

@@ -75,8 +75,9 @@ class RowMemo:
     again: 46 of 1,707 rows in a 50-query test run): memory stays O(batch x classes), and ``generate`` empties the
     memo after each attack call."""
 
-    def __init__(self) -> None:
+    def __init__(self, calls: int = 2) -> None:
         self.logits: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.calls = calls  # the LRU holds this many of the largest call's rows
         self.capacity = 0
         self.row_shape: tuple[int, ...] | None = None
 
@@ -91,7 +92,7 @@ class RowMemo:
         if x.shape[1:] != self.row_shape:
             self.clear()
             self.row_shape = x.shape[1:]
-        self.capacity = max(self.capacity, 2 * len(x))
+        self.capacity = max(self.capacity, self.calls * len(x))
         keys = [hashlib.blake2b(row, digest_size=16).digest() for row in x]
         new: dict[bytes, int] = {}  # digest -> first row holding it
         for i, key in enumerate(keys):

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from robust_enc.attacks import art_adapter
+from robust_enc.attacks.base import Attack, Plan
 from robust_enc.attacks.checks import RowStats, check_rows
 from robust_enc.attacks.config import AttackConfig, Provenance
-from robust_enc.attacks.registry import ATTACKS, Plan, Prepared, SweepFGSM
-from robust_enc.attacks.state import Tallies, new_tally, tally_key
+from robust_enc.attacks.registry import ATTACKS, FGSM
+from robust_enc.attacks.state import CLEAN, Tallies, Tally
 from robust_enc.errors import UserError
 from robust_enc.images import DatasetInfo, to_float_images
 from robust_enc.models import top_k_hits
@@ -36,17 +37,17 @@ class Evaluation:
         self.model, self.info, self.config, self.plans, self.eps, self.device = model, info, config, plans, eps, device
         self.topk = 5 if info.num_classes > 10 else 0  # top-5 only means something with many classes
         self.multi = len(plans) > 1
-        self.tallies: Tallies = {tally_key("none", 0.0): new_tally()}
+        self.tallies: Tallies = {CLEAN: Tally()}
         for plan in plans:
             for e in eps:
-                self.tallies[tally_key(plan.name, e)] = new_tally()
+                self.tallies[(plan.name, e)] = Tally()
         if self.multi:
             for e in eps:
-                self.tallies[tally_key("worst", e)] = new_tally()
+                self.tallies[("worst", e)] = Tally()
         self.use_reference = all(plan.name != "fgsm" for plan in plans)
         self.batch = 0  # global index of the batch being attacked (seeds random starts)
-        self.prepared: dict[str, Prepared] = {}
-        self.gradient: SweepFGSM | None = None  # the per-batch clean gradient: FGSM's own, or the reference's
+        self.prepared: dict[str, Attack] = {}
+        self.gradient: FGSM | None = None  # the per-batch clean gradient: FGSM's own, or the reference's
         self.classifier: Any = None
         self.roundtrip_done = False  # ART predict vs the clean pass: once per process and session
         self.levels: torch.Tensor | None = None  # byte -> float table when the loader sends uint8 images
@@ -61,18 +62,18 @@ class Evaluation:
                 seed_everything(seed_for(self.config.seed, self.batch, f"{name}/{stage}" if stage else name, eps))
 
             try:
-                self.prepared[plan.name] = entry.prepare(classifier, self.eps, plan, self.config.batch_size, reseed,
-                                                         self.info.num_classes)
+                self.prepared[plan.name] = entry(classifier, self.eps, plan, self.config.batch_size, reseed,
+                                                 self.info.num_classes)
             except (ValueError, TypeError) as err:
                 raise UserError(f"attack {plan.name}: ART rejected the settings ({err})") from None
         if self.use_reference:  # no fgsm in the run: the checks still need one gradient per batch
             entry = ATTACKS.get("fgsm")
             plan = entry.plan("fgsm", self.config.settings(), self.info.num_classes)
-            self.gradient = entry.prepare(classifier, self.eps, plan, self.config.batch_size,
-                                          lambda eps, stage: None, self.info.num_classes)
+            self.gradient = FGSM(classifier, self.eps, plan, self.config.batch_size, lambda eps, stage: None,
+                                 self.info.num_classes)
         else:
             self.gradient = self.prepared["fgsm"]
-        assert isinstance(self.gradient, SweepFGSM)
+        assert isinstance(self.gradient, FGSM)
 
     def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] top-1 and top-k hits (top-1 twice when top-5 is not reported)."""
@@ -90,12 +91,12 @@ class Evaluation:
             logits = model(x)
         clean1, clean5 = self._correct(logits, y)
         prob_like = (((logits >= 0) & (logits <= 1)).all(1) & ((logits.sum(1) - 1).abs() < 1e-3)).sum()
-        clean = self.tallies[tally_key("none", 0.0)]
-        clean["n"] += len(y)
-        clean["clean1"] += int(clean1.sum())
-        clean["clean5"] += int(clean5.sum())
-        clean["adv1"], clean["adv5"] = clean["clean1"], clean["clean5"]
-        clean["prob_like"] += int(prob_like)
+        clean = self.tallies[CLEAN]
+        clean.n += len(y)
+        clean.clean1 += int(clean1.sum())
+        clean.clean5 += int(clean5.sum())
+        clean.adv1 = clean.clean1
+        clean.prob_like += int(prob_like)
         if not self.roundtrip_done:
             # The eps-0 check: every attack sees the batch through ART's numpy round trip, so ART's predictions must
             # be the clean pass's. On the first ROUNDTRIP_EXAMPLES of each session: a conversion bug is systematic and
@@ -104,16 +105,15 @@ class Evaluation:
             self.roundtrip_done = True
             k = min(len(y), ROUNDTRIP_EXAMPLES)
             art = art_adapter.predict_labels(self.classifier, art_adapter.to_numpy_images(x[:k]), k)
-            clean["roundtrip_checked"] += k
-            clean["roundtrip_mismatch"] += int((art != logits[:k].argmax(1).cpu().numpy()).sum())
-        clean["wall_s"] += time.perf_counter() - started
+            clean.roundtrip_checked += k
+            clean.roundtrip_mismatch += int((art != logits[:k].argmax(1).cpu().numpy()).sum())
+        clean.wall_s += time.perf_counter() - started
 
-        # Attack only what is right clean: the rest is not robust whatever the attack does.
-        attack_mask = clean5 if self.topk else clean1
-        idx = attack_mask.nonzero().squeeze(1)
+        # Attack only what is right clean (top-1): the rest is not robust whatever the attack does.
+        idx = clean1.nonzero().squeeze(1)
         xa, ya = x[idx], y[idx]
-        worst = {e: [clean1.clone(), clean5.clone(), 0.0] for e in self.eps}
         robust: dict[str, dict[float, torch.Tensor]] = {}  # attack -> eps -> [B] top-1 robust, for the checks
+        wall = {e: 0.0 for e in self.eps}  # seconds of every attack at eps, for the worst row
         for plan in self.plans:
             prepared = self.prepared[plan.name]
             robust[plan.name] = {}
@@ -123,56 +123,52 @@ class Evaluation:
             shared = (time.perf_counter() - started) / len(self.eps)  # FGSM's one gradient, split over the sweep
             for e in self.eps:
                 started = time.perf_counter()
-                t = self.tallies[tally_key(plan.name, e)]
-                t["n"] += len(y)
-                t["clean1"] += int(clean1.sum())
-                t["clean5"] += int(clean5.sum())
-                t["attacked"] += len(idx)
+                t = self.tallies[(plan.name, e)]
+                t.n, t.clean1, t.clean5 = t.n + len(y), t.clean1 + int(clean1.sum()), t.clean5 + int(clean5.sum())
+                t.attacked += len(idx)
                 adv1 = clean1.clone()
                 if len(idx):
-                    x_adv = prepared.adversarial(e)
-                    with torch.no_grad():
-                        ok1_sub, ok5_sub = self._correct(model(x_adv), ya)
-                    ok1 = torch.zeros_like(clean1)
-                    ok5 = torch.zeros_like(clean5)
-                    ok1[idx], ok5[idx] = ok1_sub, ok5_sub
-                    adv1, adv5 = clean1 & ok1, clean5 & ok5
-                    finite = torch.isfinite(x_adv.flatten(1)).all(1)
-                    t["nonfinite"] += int((~finite).sum())  # NaN would slip through the max() checks below
-                    delta = (x_adv - xa).flatten(1)[finite]
-                    size = delta.abs().amax(1) if plan.norm == "linf" else delta.norm(dim=1)
-                    if len(size):
-                        t["max_pert"] = max(t["max_pert"], float(size.max()))
-                        kept = x_adv[finite]
-                        excess = max(float(-kept.min()), float(kept.max()) - 1.0, 0.0)
-                        t["box_excess"] = max(t["box_excess"], excess)
-                    t["adv1"] += int(adv1.sum())
-                    t["adv5"] += int(adv5.sum())
-                    w = worst[e]
-                    w[0] &= adv1
-                    w[1] &= adv5
+                    adv1[idx] = self._count_adversarial(t, plan.norm, prepared.adversarial(e), xa, ya)
+                t.adv1 += int(adv1.sum())
                 robust[plan.name][e] = adv1
                 elapsed = time.perf_counter() - started + shared
-                t["wall_s"] += elapsed
-                worst[e][2] += elapsed
+                t.wall_s += elapsed
+                wall[e] += elapsed
         if len(idx):
             self._gradient_checks(xa, ya, idx, clean1, robust)
         self._count_disagreements(robust)
         if self.multi:
-            for e, (w1, w5, elapsed) in worst.items():
-                t = self.tallies[tally_key("worst", e)]
-                t["n"] += len(y)
-                t["clean1"] += int(clean1.sum())
-                t["clean5"] += int(clean5.sum())
-                t["attacked"] += len(idx)
-                t["adv1"] += int(w1.sum())
-                t["adv5"] += int(w5.sum())
-                t["wall_s"] += elapsed
-                for plan in self.plans:
-                    sub = self.tallies[tally_key(plan.name, e)]
-                    t["nonfinite"] = max(t["nonfinite"], sub["nonfinite"])
-                    t["max_pert"] = max(t["max_pert"], sub["max_pert"])
-                    t["box_excess"] = max(t["box_excess"], sub["box_excess"])
+            self._count_worst(robust, len(y), int(clean1.sum()), int(clean5.sum()), len(idx), wall)
+
+    def _count_adversarial(self, t: Tally, norm: str, x_adv: torch.Tensor, xa: torch.Tensor,
+                           ya: torch.Tensor) -> torch.Tensor:
+        """The checks' maxima of one attack's images x_adv of the clean-right examples xa; returns their [A] top-1
+        robust flags."""
+        with torch.no_grad():
+            ok = self.model(x_adv).argmax(1) == ya
+        finite = torch.isfinite(x_adv.flatten(1)).all(1)
+        t.nonfinite += int((~finite).sum())  # NaN would slip through the max() checks below
+        delta = (x_adv - xa).flatten(1)[finite]
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        if len(size):
+            t.max_pert = max(t.max_pert, float(size.max()))
+            kept = x_adv[finite]
+            t.box_excess = max(t.box_excess, float(-kept.min()), float(kept.max()) - 1.0, 0.0)
+        return ok
+
+    def _count_worst(self, robust: dict[str, dict[float, torch.Tensor]], n: int, clean1: int, clean5: int,
+                     attacked: int, wall: dict[float, float]) -> None:
+        """The worst row at each eps: robust only when every attack failed on the example."""
+        for e in self.eps:
+            t = self.tallies[("worst", e)]
+            t.n, t.clean1, t.clean5, t.attacked = t.n + n, t.clean1 + clean1, t.clean5 + clean5, t.attacked + attacked
+            t.adv1 += int(torch.stack([robust[plan.name][e] for plan in self.plans]).all(0).sum())
+            t.wall_s += wall[e]
+            for plan in self.plans:
+                sub = self.tallies[(plan.name, e)]
+                t.nonfinite = max(t.nonfinite, sub.nonfinite)
+                t.max_pert = max(t.max_pert, sub.max_pert)
+                t.box_excess = max(t.box_excess, sub.box_excess)
 
     def _gradient_checks(self, xa: torch.Tensor, ya: torch.Tensor, idx: torch.Tensor, clean1: torch.Tensor,
                          robust: dict[str, dict[float, torch.Tensor]]) -> None:
@@ -189,10 +185,10 @@ class Evaluation:
                     ok = self.model(self.gradient.adversarial(e)).argmax(1) == ya
                 robust[REFERENCE][e] = clean1.clone()
                 robust[REFERENCE][e][idx] = ok  # robust: right clean and under the FGSM step
-        clean = self.tallies[tally_key("none", 0.0)]
-        clean["zero_grad"] += int(self.gradient.zero_gradient.sum())
-        clean["attacked"] += len(idx)
-        clean["wall_s"] += time.perf_counter() - started
+        clean = self.tallies[CLEAN]
+        clean.zero_grad += int(self.gradient.zero_gradient.sum())
+        clean.attacked += len(idx)
+        clean.wall_s += time.perf_counter() - started
 
     def _count_disagreements(self, robust: dict[str, dict[float, torch.Tensor]]) -> None:
         """The per-example inputs of the sanity checks' tests (``checks.py``), summed per (attack, eps) row:
@@ -205,18 +201,18 @@ class Evaluation:
             mine = robust[plan.name]
             previous = None
             for e in self.eps:
-                t = self.tallies[tally_key(plan.name, e)]
+                t = self.tallies[(plan.name, e)]
                 reference = None
                 if plan.white_box and plan.iterative and e in fgsm:
                     reference = fgsm[e]
                 elif not plan.white_box and white:
                     reference = torch.stack([w[e] for w in white]).all(0)
                 if reference is not None:
-                    t["ref_only"] += int((~reference & mine[e]).sum())
-                    t["self_only"] += int((reference & ~mine[e]).sum())
+                    t.ref_only += int((~reference & mine[e]).sum())
+                    t.self_only += int((reference & ~mine[e]).sum())
                 if previous is not None:
-                    t["prev_eps_only"] += int((~previous & mine[e]).sum())
-                    t["this_eps_only"] += int((previous & ~mine[e]).sum())
+                    t.prev_eps_only += int((~previous & mine[e]).sum())
+                    t.this_eps_only += int((previous & ~mine[e]).sum())
                 previous = mine[e]
 
     def running(self) -> dict[str, float]:
@@ -225,9 +221,9 @@ class Evaluation:
         names = [p.name for p in self.plans] + (["worst"] if self.multi else [])
         out = {}
         for name in names:
-            t = self.tallies[tally_key(name, e)]
-            if t["n"]:
-                out[f"{name}@{format_eps(e, self.config.norm)}"] = t["adv1"] / t["n"]
+            t = self.tallies[(name, e)]
+            if t.n:
+                out[f"{name}@{format_eps(e, self.config.norm)}"] = t.adv1 / t.n
         return out
 
 
@@ -253,36 +249,33 @@ def result_rows(run: Evaluation, provenance: Provenance, gbr: dict[str, Any]) ->
                   weights=provenance.weights, preprocessing=provenance.preprocessing)
     common.update(gbr)
 
-    def row(attack: str, norm: str, eps: float, t: dict[str, float], **extra: Any) -> ResultRow:
-        n = int(t["n"])
-        frac = (lambda k: t[k] / n) if n else (lambda k: math.nan)
-        wall = float(t["wall_s"])
-        return ResultRow(attack=attack, norm=norm, eps=eps, n=n, clean_top1=frac("clean1"),
-                         clean_top5=frac("clean5") if has5 else math.nan, adv_top1=frac("adv1"),
-                         adv_top5=frac("adv5") if has5 else math.nan, wall_s=wall,
-                         images_per_s=n / wall if wall > 0 else math.nan, **extra, **common)
+    def row(attack: str, norm: str, eps: float, t: Tally, **extra: Any) -> ResultRow:
+        frac = (lambda count: count / t.n) if t.n else (lambda count: math.nan)
+        return ResultRow(attack=attack, norm=norm, eps=eps, n=t.n, clean_top1=frac(t.clean1),
+                         clean_top5=frac(t.clean5) if has5 else math.nan, adv_top1=frac(t.adv1), wall_s=t.wall_s,
+                         images_per_s=t.n / t.wall_s if t.wall_s > 0 else math.nan, **extra, **common)
 
-    clean = run.tallies[tally_key("none", 0.0)]
+    clean = run.tallies[CLEAN]
     rows = [row("none", "none", 0.0, clean)]
-    prob = clean["prob_like"] / clean["n"] if clean["n"] else 0.0
+    prob = clean.prob_like / clean.n if clean.n else 0.0
     stats = [RowStats(probability_fraction=prob)]
     # Run-level facts every attack row is checked against: one clean gradient per batch, ART's round trip.
-    model_facts = dict(attacked=int(clean["attacked"]), zero_gradient=int(clean["zero_grad"]),
-                       probability_fraction=prob, roundtrip_checked=int(clean["roundtrip_checked"]),
-                       roundtrip_mismatch=int(clean["roundtrip_mismatch"]))
+    model_facts = dict(attacked=int(clean.attacked), zero_gradient=int(clean.zero_grad),
+                       probability_fraction=prob, roundtrip_checked=int(clean.roundtrip_checked),
+                       roundtrip_mismatch=int(clean.roundtrip_mismatch))
     for plan in run.plans:
         for e in run.eps:
-            t = run.tallies[tally_key(plan.name, e)]
+            t = run.tallies[(plan.name, e)]
             rows.append(row(plan.name, plan.norm, e, t, steps=plan.steps,
                             step_size=plan.step_size_at(e) if e > 0 else 0.0, restarts=plan.restarts))
-            stats.append(RowStats(max_perturbation=t["max_pert"], box_excess=t["box_excess"],
-                                  white_box=plan.white_box, iterative=plan.iterative, non_finite=int(t["nonfinite"]),
-                                  ref_only=int(t["ref_only"]), self_only=int(t["self_only"]),
-                                  prev_eps_only=int(t["prev_eps_only"]), this_eps_only=int(t["this_eps_only"]),
+            stats.append(RowStats(max_perturbation=t.max_pert, box_excess=t.box_excess,
+                                  white_box=plan.white_box, iterative=plan.iterative, non_finite=int(t.nonfinite),
+                                  ref_only=int(t.ref_only), self_only=int(t.self_only),
+                                  prev_eps_only=int(t.prev_eps_only), this_eps_only=int(t.this_eps_only),
                                   **model_facts))
     if run.multi:
         for e in run.eps:
-            t = run.tallies[tally_key("worst", e)]
+            t = run.tallies[("worst", e)]
             rows.append(row("worst", run.config.norm, e, t))
-            stats.append(RowStats(t["max_pert"], t["box_excess"], int(t["attacked"]), 0, True, False, prob))
+            stats.append(RowStats(t.max_pert, t.box_excess, int(t.attacked), 0, True, False, prob))
     return check_rows(rows, stats)

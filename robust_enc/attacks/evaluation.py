@@ -1,7 +1,7 @@
 """Evaluate a model under attack over a data set: clean accuracy, each attack at each eps, the per-example worst case.
 
 Protocol (RobustBench/AutoAttack): images in [0, 1], eps in pixel units; each attack runs only on the examples the
-model gets right clean (top-5 right when top-5 is reported), so an example counts as robust only when it is correct
+model gets right clean (top-1), so an example counts as robust only when it is correct
 clean AND under attack, and ``adv <= clean`` by construction. ``worst`` ANDs the per-example robust flags of every
 attack at an eps.
 
@@ -38,7 +38,7 @@ from robust_enc.attacks.checks import flag_lines
 from robust_enc.attacks.config import AttackConfig, BatchReport, OnBatch, Provenance
 from robust_enc.attacks.counting import Evaluation, gbr_columns, result_rows
 from robust_enc.attacks.registry import ATTACKS, check_eps, parse_attacks
-from robust_enc.attacks.state import all_reduce, load_progress, progress_path, save_progress, tally_key
+from robust_enc.attacks.state import CLEAN, all_reduce, load_progress, progress_path, save_progress
 from robust_enc.data import build_dataset, build_loader, evaluation_split
 from robust_enc.errors import UserError
 from robust_enc.images import DatasetInfo, loader_levels, unreadable_count
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FORMAT = 3  # bump when the tallies' keys or fields change: older progress files are then not resumed
+PROGRESS_FORMAT = 4  # bump when the tallies' keys or fields change: older progress files are then not resumed
 
 
 def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInfo, rank: int, world: int) -> str:
@@ -145,7 +145,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             loader = build_loader(dataset, batch_size=config.batch_size, workers=config.workers, sampler=sampler,
                                   uint8=True)
             run.levels = loader_levels(loader, device)
-            done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
+            done_before = run.tallies[CLEAN].n
             total = done_before + len(sampler)
             watch = _CleanWatch(model)
             with task(f"attack {provenance.run_id} ({','.join(attacks)})", total, completed=done_before,
@@ -171,7 +171,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
             log.warning("%d unreadable images were skipped", skipped)
         gbr_sums = _measure_gbr(model, dataset, config, device, rank, world) if config.gbr else []
         all_reduce(run.tallies, gbr_sums)
-        if run.tallies[tally_key("none", 0.0)]["n"] == 0:  # after the reduction: every rank raises alike
+        if run.tallies[CLEAN].n == 0:  # after the reduction: every rank raises alike
             if progress is not None:
                 progress.unlink(missing_ok=True)
             raise UserError(f"no readable image in data set {info.name} split {info.split} (all {len(dataset)} "
@@ -320,7 +320,7 @@ def _count_batches(run: Evaluation, loader: Iterable, bar: Task, *, start: int, 
                    save: Callable[[int], None] | None) -> BatchReport:
     """Count this session's batches (this rank's ``start``-th on), saving the progress after each; returns the last
     report (its ``stopped``: cut short by ``max_batches``)."""
-    done_before = int(run.tallies[tally_key("none", 0.0)]["n"])
+    done_before = run.tallies[CLEAN].n
     session = BatchReport(done_before, bar.total, 0.0)
     session_start = waited_from = time.perf_counter()
     for j, (x, y) in enumerate(loader):

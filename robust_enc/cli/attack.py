@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from robust_enc.attacks.checks import flag_lines
 from robust_enc.attacks.config import AttackConfig, BatchReport
@@ -70,15 +69,14 @@ def _show(rows: list[ResultRow], out: str, timing: BatchReport | None = None, *,
     console = Console()
     names = max(len(r.attack) for r in rows)
     table = Table(title=escape(f"{rows[0].run_id} on {rows[0].dataset} ({rows[0].split}, n={rows[0].n})"))
-    for column in ("attack", "norm", "eps", "steps", "clean top-1", "adv top-1", "adv top-5", "img/s", "checks"):
+    for column in ("attack", "norm", "eps", "steps", "clean top-1", "adv top-1", "img/s", "checks"):
         # attack names whole: a narrow terminal would otherwise cut apgd-ce and apgd-dlr both to "apgd-…"
         table.add_column(column, justify="left" if column in ("attack", "norm", "checks") else "right",
                          no_wrap=column == "attack", min_width=names if column == "attack" else None)
     for r in rows:
         eps = format_eps(r.eps, r.norm)
         table.add_row(escape(r.attack), r.norm, eps, str(r.steps or ""), f"{r.clean_top1:.2%}", f"{r.adv_top1:.2%}",
-                      "" if math.isnan(r.adv_top5) else f"{r.adv_top5:.2%}", f"{r.images_per_s:,.0f}",
-                      "[red]FAIL[/red]" if r.flags else "ok")
+                      f"{r.images_per_s:,.0f}", "[red]FAIL[/red]" if r.flags else "ok")
     console.print(table)
     code = print_flags(flag_lines(rows), allow=allow_flags)
     if timing is not None:

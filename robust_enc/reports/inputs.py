@@ -32,7 +32,7 @@ METRICS_FILE = "metrics.csv"
 CARD_FILE = "model_card.json"
 CONFIG_FILE = "config.json"  # written when training starts: names the data set of a run still without a card
 RUN_FILES = (*RESULTS_FILES, METRICS_FILE, CARD_FILE)  # any of them makes a folder a run folder
-MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "adv_top5", "gbr")  # what must agree between duplicates
+MEASURED = ("n", "clean_top1", "clean_top5", "adv_top1", "gbr")  # what must agree between duplicates
 FROM_CARD = ("gbr", "gbr_stderr", "train_top1", "weight_sq_norm")  # filled into rows that lack them
 
 
