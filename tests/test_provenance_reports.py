@@ -167,7 +167,7 @@ def _dead_pid() -> int:
 
 
 def test_report_beside_a_users_old_tmp_folders_removes_only_its_own_dead_writers_temps(tmp_path, capsys):
-    """``report --out`` sweeps its folder's parent: a user's ``.x.XXXXXXXX.tmp`` folder, two days old, and a temp name
+    """``report --out`` sweeps its folder's parent: a user's ``.x.XXXXXXXX.tmp`` folder, however old, and a temp name
     of an older robust-enc (pid but no marker) are not this run's to delete; a marked temp of a dead writer is."""
     dead = _dead_pid()
     users = [tmp_path / ".x.abcdefgh.tmp", tmp_path / f".report.{dead}.abcd1234.tmp"]
@@ -175,8 +175,7 @@ def test_report_beside_a_users_old_tmp_folders_removes_only_its_own_dead_writers
     for folder in (*users, ours):
         folder.mkdir()
         (folder / "keep.txt").write_text("mine")
-        two_days_ago = time.time() - 2 * 86400
-        os.utime(folder, (two_days_ago, two_days_ago))
+        os.utime(folder, (0, 0))  # as old as a file can be: age alone never sweeps (no clock read here)
     results = tmp_path / "inputs" / "r.csv"  # elsewhere: a process sweeps a folder once, at its first write there
     write_results(results, _evaluation("tiny", n=450, subset=0, clean=0.9, adv=0.3))
     assert _report(tmp_path, results)[0] == 0
@@ -265,13 +264,11 @@ def test_sigterm_during_an_attack_is_one_line_exit_143_and_keeps_its_progress(fl
                 return 0
         return 0
 
-    deadline = time.monotonic() + 240
-    while process.poll() is None and batches_done() < 2:
-        assert time.monotonic() < deadline, "the attack never finished two batches"
+    while process.poll() is None and batches_done() < 2:  # no deadline: the outcome must not depend on the clock
         time.sleep(0.01)
     assert process.poll() is None, "the attack finished before it could be stopped: give it more batches"
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate()
     assert process.returncode == 143, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("robust-enc:")]
     assert lines == [f"robust-enc: stopped by SIGTERM; results written so far are kept in {out}; rerun the command "

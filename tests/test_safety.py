@@ -321,8 +321,7 @@ def test_stale_temp_files_of_dead_writers_are_swept_on_the_next_write(tmp_path):
     (report_tmp / "index.md").write_text("half")
     for path in [*stale, *kept]:
         path.write_text("x")
-    two_days_ago = time.time() - 2 * 86400
-    os.utime(old_unmarked, (two_days_ago, two_days_ago))
+    os.utime(old_unmarked, (0, 0))  # as old as a file can be: age alone never sweeps (no clock read here)
     write_text_atomic(tmp_path / "config.json", "{}")  # the first write of this process into the folder sweeps
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in kept), "config.json"])
     assert sweep_stale_temps(tmp_path) == []
@@ -477,14 +476,13 @@ def test_every_bad_input_gets_one_line_and_exit_2_and_writes_nothing(case, run_d
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
-def _kill_at(command: list[str], ready, delay: float, timeout: float = 240) -> int | None:
+def _kill_at(command: list[str], ready, delay: float) -> int | None:
     """Start ``command``; once ``ready()`` holds, wait ``delay`` seconds and SIGKILL it. Returns its exit code when
-    it finished first (None when killed)."""
+    it finished first (None when killed). No deadline: however slow the machine, the run either reaches its kill point
+    or exits, and both are handled; the outcome never depends on the clock, only where the kill lands does."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
     while process.poll() is None and not ready():
-        assert time.monotonic() < deadline, "the run never reached its kill point"
         time.sleep(0.01)
     if process.poll() is None:
         time.sleep(delay)
