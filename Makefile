@@ -33,6 +33,7 @@ test: $(STAMP) data
 bench: $(STAMP) data
 	$(PY) -m benchmarks.bench_gbr
 	$(PY) -m benchmarks.bench_attacks
+	$(PY) -m benchmarks.bench_autoattack
 	$(PY) -m benchmarks.bench_enc_overhead
 
 clean:

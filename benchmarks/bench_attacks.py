@@ -304,77 +304,6 @@ class _WithPrototypes(nn.Module):
         return self.model(x) + nn.functional.linear(x.flatten(1), self.weight, self.bias)
 
 
-# ------------------------------------------------------------------------------------------------ AutoAttack
-def train_digits(epochs: int = 15) -> tuple[nn.Module, float]:
-    """resnet_tiny on digits, 15 epochs at batch 64, lr 0.05 (~95% test top-1): (model, seconds)."""
-    torch.manual_seed(0)
-    data, info = build_dataset("digits", "train")
-    model = build_model(ModelSpec("resnet_tiny", 10, info.input_shape, info.mean, info.std))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for x, y in build_loader(data, batch_size=64, shuffle=True):
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval(), time.perf_counter() - start
-
-
-def reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
-    """Robust top-1 of the reference AutoAttack (``pyautoattack``, Croce & Hein's code), standard version, seed 0,
-    all images in one batch: right clean and under its adversarial image."""
-    from pyautoattack import AutoAttack as ReferenceAutoAttack
-
-    reference = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0, device="cpu")
-    reference.verbose = False
-    x_adv, _ = reference.run_standard_evaluation(x, y, batch_size=len(x))
-    with torch.no_grad():
-        return float(((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean())
-
-
-def autoattack_part(args: argparse.Namespace) -> str:
-    """The suite's ``autoattack`` against the reference AutoAttack, side by side on one model and image set."""
-    torch.set_num_threads(args.threads)
-    model, train_s = train_digits()
-    data, info = build_dataset("digits", "test", subset=args.aa_n)
-    x, y = next(iter(build_loader(data, batch_size=len(data))))  # a subset is a torch Subset (no .x)
-    model.requires_grad_(False)
-
-    def suite() -> tuple[float, str]:
-        rows = evaluate_model(model, data, info=info, attacks=("autoattack",), eps=(EPS,), batch_size=args.aa_n,
-                              device="cpu", checkpoint_hash="bench")
-        return rows[1].adv_top1, rows[1].flags or "none"
-
-    results, clean = {}, float((model(x).argmax(1) == y).float().mean())
-    for name, run in (("suite: `autoattack`", suite),
-                      ("reference: `pyautoattack.AutoAttack` (standard)",
-                       lambda: (reference_autoattack(model, x, y, EPS), ""))):
-        start = time.perf_counter()
-        robust, flags = run()
-        results[name] = (time.perf_counter() - start, robust, flags)
-    model.requires_grad_(True)
-    suite_s = results["suite: `autoattack`"][0]
-    lines = [
-        "## autoattack: the suite's cascade against the reference AutoAttack",
-        "",
-        f"Machine: {machine()}; device cpu. `benchmarks/bench_attacks.py --only autoattack --aa-n {args.aa_n} "
-        f"--threads {args.threads}`. One run of each, one after the other: read the ratio with ~15% jitter.",
-        "",
-        f"resnet_tiny trained 15 epochs on digits ({train_s:.0f} s), the first {args.aa_n} test images of the "
-        f"class-balanced subset, L-inf eps 8/255, clean top-1 {clean:.1%}. Both run APGD-CE, APGD-T (9 targets), "
-        "FAB-T (9 targets) and Square (5,000 queries), each on the examples still robust; robust top-1: right "
-        "clean and under the attack (per example).",
-        "",
-        "| evaluation | seconds | vs the suite | robust top-1 | sanity flags |",
-        "|---|---|---|---|---|",
-    ]
-    for name, (seconds, robust, flags) in results.items():
-        lines.append(f"| {name} | {seconds:.1f} | {seconds / suite_s:.2f}x | {robust:.1%} | {flags} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="Fashion-MNIST test images")
@@ -384,8 +313,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu-n", type=int, default=512)
     parser.add_argument("--gpu-batch-size", type=int, default=128)
-    parser.add_argument("--aa-n", type=int, default=100, help="digits test images for the AutoAttack part")
-    parser.add_argument("--only", choices=("attacks", "autoattack"), default=None, help="run one part")
     parser.add_argument("--no-write", action="store_true", help="print instead of writing BENCHMARKS.md")
     # For benchmarks/gpu.sh: only the GPU part, into its own section; its --dry-run runs it tiny on the CPU.
     parser.add_argument("--gpu-only", action="store_true", help="only the ResNet-50 GPU part")
@@ -400,13 +327,6 @@ def main() -> None:
         if not args.no_write:
             write_section("attacks-gpu", text)
         return
-    if args.only != "attacks":
-        text = autoattack_part(args)
-        print(text)
-        if not args.no_write:
-            write_section("autoattack", text)
-        if args.only == "autoattack":
-            return
     text = cpu_part(args)
     if torch.cuda.is_available():
         text += "\n" + gpu_part(args)
