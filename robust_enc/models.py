@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -329,6 +330,7 @@ def top_k_hits(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers whose weights decay, ENC and GBR's bound see
+SCRIPTED_WEIGHT_LAYERS = frozenset(layer.__name__ for layer in WEIGHT_LAYERS)
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:
@@ -336,10 +338,19 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
     module name. Their sum is the quantity weight decay bounds GBR with (paper eq. 17)."""
     norms = {}
     for name, module in model.named_modules():
-        if isinstance(module, WEIGHT_LAYERS):
+        # a TorchScript module's layers are script modules that remember their eager class by name
+        scripted = getattr(module, "original_name", None) in SCRIPTED_WEIGHT_LAYERS
+        if isinstance(module, WEIGHT_LAYERS) or scripted:
             with torch.no_grad():
                 norms[name] = float(module.weight.detach().float().pow(2).sum())
     return norms
+
+
+def total_weight_norm(model: nn.Module) -> float:
+    """The sum of ``weight_norms``; NaN when no conv or linear layer is visible (a model built of other layer types):
+    not measured, rather than a weight norm of 0."""
+    norms = weight_norms(model)
+    return sum(norms.values()) if norms else math.nan
 
 
 @contextlib.contextmanager

@@ -111,6 +111,8 @@ def test_own_architecture_through_module_factory(tmp_path):
     assert rows["none"].n == 450 and rows["fgsm"].adv_top1 < rows["none"].clean_top1
     assert rows["none"].weights == "nearest.pt" and rows["none"].model == "mymodels.nearest:build"
     assert rows["none"].preprocessing == "as stored, normalization inside the model"
+    # sum of ||W||^2 over the conv/linear weights: here the one linear layer's, computed in float64
+    assert rows["none"].weight_sq_norm == pytest.approx(float((weight ** 2).sum()), rel=1e-6)
 
 
 def test_refused_models_name_the_right_flag(tmp_path, capsys):
@@ -195,6 +197,12 @@ def test_exported_torchscript_evaluates_like_its_checkpoint(exported_run, tmp_pa
         assert clean.n == 450
     ts_row = next(r for r in read_results(tmp_path / "ts_as_checkpoint.csv") if r.attack == "none")
     assert ts_row.run_id == "tiny" and ts_row.weights == "exported.ts"
+    # the TorchScript file's conv/linear weights are measured (script modules), not reported as a norm of 0
+    scripted = next(r for r in read_results(tmp_path / "ts_as_weights.csv") if r.attack == "none")
+    state = torch.load(exported_run / "exported.pt", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    by_hand = sum(float(v.double().square().sum()) for k, v in state.items() if k.endswith("weight") and v.dim() > 1)
+    assert scripted.weight_sq_norm == pytest.approx(by_hand, rel=1e-5)
     assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
     capsys.readouterr()
     one_line_error(capsys, ["attack", "--model", "resnet20", "--weights", ts, "--dataset", "digits"],

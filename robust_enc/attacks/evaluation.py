@@ -42,7 +42,7 @@ from robust_enc.attacks.state import CLEAN, all_reduce, load_progress, progress_
 from robust_enc.data import build_dataset, build_loader, evaluation_split
 from robust_enc.errors import UserError
 from robust_enc.images import DatasetInfo, loader_levels, unreadable_count
-from robust_enc.models import frozen, weight_norms
+from robust_enc.models import frozen, total_weight_norm
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions, parse_eps
 from robust_enc.runtime.distributed import any_rank, barrier, evaluation_process
 from robust_enc.runtime.progress import Task, task
@@ -210,13 +210,13 @@ def _provenance(source: ModelSource, model: nn.Module) -> Provenance:
     if ckpt is None:
         return Provenance(run_id=Path(source.weights).stem, model=source.model,
                           checkpoint_hash=state_hash(model.state_dict()),
-                          weight_sq_norm=sum(weight_norms(model).values()))
+                          weight_sq_norm=total_weight_norm(model))
     metrics = ckpt.metrics or {}
     wsq = metrics.get("weight_sq_norm")
     return Provenance(run_id=ckpt.run_id, model=ckpt.spec.name, regularizer=ckpt.spec.regularizer,
                       checkpoint_hash=ckpt.content_hash or state_hash(ckpt.state_dict),
                       train_top1=float(metrics.get("train_top1", math.nan)),
-                      weight_sq_norm=float(wsq) if wsq is not None else sum(weight_norms(model).values()))
+                      weight_sq_norm=float(wsq) if wsq is not None else total_weight_norm(model))
 
 
 def evaluate(config: AttackConfig, *, max_batches: int | None = None,
@@ -294,7 +294,7 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *,
                           random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
     provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
                             checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),
-                            weight_sq_norm=sum(weight_norms(model).values()), weights="in memory",
+                            weight_sq_norm=total_weight_norm(model), weights="in memory",
                             preprocessing=f"{info.preprocessing or 'as stored'}, normalization inside the model")
     return run_evaluation(model, data, info, config, provenance, out=Path(out) if out else None, on_batch=on_batch)
 
