@@ -472,3 +472,24 @@ def test_train_mode_with_a_single_example_batch_is_a_user_error():
     with pytest.raises(UserError, match="batch of 1"):
         measure_gbr(model, [(x[:2], y[:2]), (x[2:], y[2:])], train_mode=True)
     assert model.training  # state restored after the error
+
+
+def test_cli_defaults_to_the_val_split_where_a_data_set_has_no_test_split(gbr_cli, tmp_path, capsys) -> None:
+    """An ImageNet-style folder (train/ and val/, no test/): ``gbr`` without --split measures val's 4 images, as
+    ``attack`` does, instead of failing on a missing test split."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "set" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                pixels = torch.randint(0, 256, (8, 8, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "set" / split / cls / f"{i}.png")
+    spec = ModelSpec("resnet_tiny", 2, (3, 8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    torch.save(build_model(spec).net.state_dict(), tmp_path / "tiny.pt")
+    out = tmp_path / "gbr.json"
+    assert gbr_cli(["gbr", "--model", "resnet_tiny", "--weights", str(tmp_path / "tiny.pt"), "--dataset",
+                    f"folder:{tmp_path / 'set'}", "--device", "cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["split"] == "val" and data["n"] == 4

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     add_data_arguments(parser, default_dataset=None)  # default: the checkpoint's data set
-    parser.add_argument("--split", default="test", help="data set split (default: test)")
+    parser.add_argument("--split", default="", help="data split (default: test, or val where there is no test)")
     gbr = parser.add_argument_group("gbr")
     gbr.add_argument("--output", default="logits", help=f"what f is: {', '.join(OUTPUTS.names())} (default: logits)")
     gbr.add_argument("--method", default="auto", help="auto (exact up to --max-exact-classes outputs), exact or "
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from robust_enc.checkpoint import state_hash
     from robust_enc.cli.common import preprocessing_overrides
-    from robust_enc.data import build_dataset, build_loader
+    from robust_enc.data import build_dataset, build_loader, evaluation_split
     from robust_enc.gbr import check_options, measure_gbr
     from robust_enc.io import write_text_atomic
     from robust_enc.model_sources import ModelSource, completed, preprocessing_text
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     source = ModelSource.open(checkpoint=args.checkpoint, model=args.model, weights=args.weights)
     prep = source.preprocessing(overrides)
-    dataset, info = build_dataset(source.dataset(args.dataset), args.split, data_dir=args.data_dir,
+    name = source.dataset(args.dataset)
+    dataset, info = build_dataset(name, args.split or evaluation_split(name), data_dir=args.data_dir,
                                   download=args.download, subset=args.subset, image_size=source.image_size,
                                   preprocessing=prep)
     prep = completed(prep, info, overrides)
