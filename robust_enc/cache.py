@@ -44,6 +44,7 @@ from robust_enc.images import (
     levels_of,
     to_float,
 )
+from robust_enc.io import sweep_stale_temps, temp_prefix
 from robust_enc.preprocessing import Preprocessing, suite_preprocessing
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,10 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
     meta.json), writing one batch at a time into a temporary folder renamed into place at the end."""
     _, height, width = info.input_shape
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    # marked with this process's pid: a build killed mid-way leaves a temp folder as large as the cache, which the
+    # next build here (or any atomic write into this folder) removes once its writer is dead
+    sweep_stale_temps(folder.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=folder.parent))
     try:
         sources = [fingerprint(path) for path, _ in samples]  # before decoding: a file edited meanwhile shows as stale
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,

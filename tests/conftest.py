@@ -20,6 +20,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited (a writer killed mid-write, as temp-file sweeps see it)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +307,22 @@ def test_attack_cli_with_subset_list_and_cache(tmp_path, capsys):
     strip = lambda lines: [line.split(",")[:12] for line in lines]  # noqa: E731 (accuracies, not wall times)
     assert strip(a) == strip(b)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the attack reused the cache the step built
+
+
+def test_a_killed_cache_builds_temp_folder_is_swept_and_a_users_is_kept(tmp_path, monkeypatch, dead_pid):
+    """A cache build writes into a temp folder marked with its pid (a kill -9 leaves one as large as the cache); the
+    next build beside it removes a dead writer's marked folder and leaves an unmarked one (a user's) alone."""
+    root = tmp_path / "in"
+    _wnid_tree(root / "val")
+    caches = tmp_path / "cache"
+    killed = caches / f".0123456789abcdef.robust-enc-{dead_pid}-k1ll3d00.tmp"
+    users = caches / ".mine.abcdefgh.tmp"
+    for folder in (killed, users):
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"x" * 1000)
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(src).name) or replace(src, dst))
+    build_dataset("imagenet", "val", data_dir=str(root), image_size=32, cache=str(caches))
+    assert len(renamed) == 1 and renamed[0].startswith(".") and f".robust-enc-{os.getpid()}-" in renamed[0]
+    assert not killed.exists() and (users / "images.npy").exists()

@@ -160,16 +160,10 @@ def test_order_naming_no_row_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ temp sweep
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_report_beside_a_users_old_tmp_folders_removes_only_its_own_dead_writers_temps(tmp_path, capsys):
+def test_report_beside_a_users_old_tmp_folders_removes_only_its_own_dead_writers_temps(tmp_path, capsys, dead_pid):
     """``report --out`` sweeps its folder's parent: a user's ``.x.XXXXXXXX.tmp`` folder, however old, and a temp name
     of an older robust-enc (pid but no marker) are not this run's to delete; a marked temp of a dead writer is."""
-    dead = _dead_pid()
+    dead = dead_pid
     users = [tmp_path / ".x.abcdefgh.tmp", tmp_path / f".report.{dead}.abcd1234.tmp"]
     ours = tmp_path / f".report.robust-enc-{dead}-abcd1234.tmp"
     for folder in (*users, ours):

@@ -302,14 +302,8 @@ def test_metrics_csv_writes_an_overflowed_gbr_as_inf_not_blank(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ temp files, report
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_stale_temp_files_of_dead_writers_are_swept_on_the_next_write(tmp_path):
-    dead, alive = _dead_pid(), os.getppid()
+def test_stale_temp_files_of_dead_writers_are_swept_on_the_next_write(tmp_path, dead_pid):
+    dead, alive = dead_pid, os.getppid()
     stale = [tmp_path / f".results.csv.robust-enc-{dead}-abcd1234.tmp",
              tmp_path / f".checkpoint.pt.robust-enc-{dead}-x_9y8z7w.tmp"]
     # Only names with the suite's marker and a dead pid go: not a live writer's, not an unmarked one however old.
