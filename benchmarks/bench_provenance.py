@@ -4,7 +4,7 @@ on use, against the FGSM evaluation of the cached images (issue #26: the target 
 1. A ResNet-50 for the 1,000 ImageNet classes (25.6M parameters, ~100 MB) saved with ``save_checkpoint``;
    ``load_checkpoint`` reads it and recomputes the content hash from the loaded tensors (``state_hash``); the hash alone
    is timed too.
-2. N small PNGs in ImageNet's ``val/<wnid>/`` layout (10 classes), decoded once into the cache at ``--size`` pixels.
+2. N small JPEGs in ImageNet's ``val/<wnid>/`` layout (10 classes), decoded once into the cache at ``--size`` pixels.
    Every use checks the size and mtime of each source file and of images.npy (``cache.stale_reason``); ``--verify``
    (on demand) hashes every byte of them.
 3. FGSM at eps 8/255 (``evaluate_model``: clean pass, one gradient, adversarial pass) of the same ResNet-50 on the
@@ -24,35 +24,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Subset
 
 from benchmarks._common import machine, median_time, write_section
+from benchmarks.bench_imagenet import write_jpegs
 from robust_enc.attacks import evaluate_model
 from robust_enc.cache import read_meta, stale_reason
 from robust_enc.checkpoint import load_checkpoint, save_checkpoint, state_hash
 from robust_enc.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
-from robust_enc.imagenet import canonical_wnids
 from robust_enc.models import ModelSpec
 from robust_enc.regularizers import build_model
 
 EPS = 8 / 255
-
-
-def write_pngs(root: Path, n: int, side: int = 40, classes: int = 10) -> int:
-    """n seeded PNGs under root/val/<wnid>/; returns their total bytes."""
-    rng = np.random.default_rng(0)
-    wnids = canonical_wnids()
-    total = 0
-    for i in range(n):
-        folder = root / "val" / wnids[(i % classes) * 97]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{i:05d}.png"
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
-        total += path.stat().st_size
-    return total
 
 
 def checkpoint_rows(args: argparse.Namespace, folder: Path) -> tuple[list[str], float, torch.nn.Module, str]:
@@ -73,7 +57,7 @@ def checkpoint_rows(args: argparse.Namespace, folder: Path) -> tuple[list[str], 
 
 
 def cache_rows(args: argparse.Namespace, folder: Path) -> tuple[list[str], float, object, object]:
-    source_bytes = write_pngs(folder / "data", args.images)
+    source_bytes = write_jpegs(folder / "data", args.images, size=(40, 40))
     start = time.perf_counter()
     cached, info = build_dataset("imagenet", "val", data_dir=str(folder / "data"), image_size=args.size,
                                  cache=str(folder / "cache"))

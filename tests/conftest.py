@@ -21,6 +21,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models train and big ones build fastest on one torch thread: two threads on a busy 2-core machine mostly
+    spin in OpenMP barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def dead_pid() -> int:
     """The pid of a process that has exited (a writer killed mid-write, as temp-file sweeps see it)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])

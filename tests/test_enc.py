@@ -40,13 +40,6 @@ def _layer_count(model: nn.Module) -> int:
     return sum(isinstance(m, WEIGHT_LAYERS) for m in model.modules())
 
 
-@pytest.fixture
-def one_thread():
-    """Building big models is init-bound; on a busy 2-core machine two threads mostly spin in OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

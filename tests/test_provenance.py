@@ -25,13 +25,7 @@ from robust_enc.models import ModelSpec
 from robust_enc.regularizers import build_model
 from robust_enc.results import ResultRow, append_results, read_results, write_results
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def run_cli(capsys, *argv) -> tuple[int, list[str]]:

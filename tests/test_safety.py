@@ -47,13 +47,7 @@ TINY_ARGS = ["--model", "resnet_tiny", "--dataset", "digits", "--subset", "64", 
              "--batch-size", "32", "--device", "cpu", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread (see test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, list[str]]:

@@ -28,14 +28,7 @@ from robust_enc.train.run_folder import METRIC_COLUMNS
 TINY = dict(model="resnet_tiny", dataset="digits", subset=64, val_subset=32, batch_size=32, device="cpu", seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread; two threads on a busy 2-core machine spin in OpenMP barriers
-    (measured: resnet_tiny step at batch 32, 8.8 ms on 1 thread against 724 ms on 2 at load 7)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
