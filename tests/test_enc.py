@@ -127,6 +127,9 @@ def test_learnable_alpha_gets_gradients_and_keeps_the_invariant():
     # BN after a conv makes the loss nearly scale-invariant there; the classifier's alpha scales the logits directly.
     head = classifier_of(model)
     assert float(head.parametrizations.weight[0].log_alpha.grad.abs()) > 0
+    # a float64 network gets float64 alphas: a float32 one would round sqrt(alpha) in every float64 forward pass
+    wide = enc.apply_enc(_network("resnet_tiny").double(), alpha=None)
+    assert {p.log_alpha.dtype for _, _, p in enc.enc_layers(wide)} == {torch.float64}
 
 
 def test_classifier_can_be_left_out():

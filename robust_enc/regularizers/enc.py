@@ -70,7 +70,7 @@ class ENCWeight(nn.Module):
     the pass in ``row_stats`` for the epsilon-shifted L2 (``el2_loss``), so that term costs no pass over the weights.
     """
 
-    def __init__(self, variant: str = "eq22", alpha: float | None = 1.0) -> None:
+    def __init__(self, variant: str = "eq22", alpha: float | None = 1.0, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"ENC variant must be one of {VARIANTS}, got {variant!r}")
@@ -80,7 +80,8 @@ class ENCWeight(nn.Module):
         self.per_row = variant in ("eq21", "eq22")  # eq. 21/22 normalize each row, eq. 20/23 the whole tensor
         self.centred = variant in ("eq22", "eq23")  # eq. 22/23 subtract the mean first (weight standardization)
         self.alpha = alpha
-        self.log_alpha = nn.Parameter(torch.zeros(())) if alpha is None else None
+        # in the weight's dtype: a float64 network keeps a float64 alpha (a float32 one would round every scale)
+        self.log_alpha = nn.Parameter(torch.zeros((), dtype=dtype)) if alpha is None else None
         self.recording = False  # set by step_weights: keep row_stats of the pass
         self.row_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (row means, centred row norms)
         self.batch: _RowBatch | None = None  # set by step_weights: normalized with the step's other row-wise layers
@@ -177,7 +178,7 @@ def apply_enc(model: nn.Module, *, variant: str = "eq22", alpha: float | None = 
     """Reparameterize every conv/linear weight with ENC (in place; returns the model). ``alpha=None``: learnable."""
     for name, module in target_layers(model, classifier=classifier):
         _check_unparametrized(name, module)
-        parametrize.register_parametrization(module, "weight", ENCWeight(variant, alpha))
+        parametrize.register_parametrization(module, "weight", ENCWeight(variant, alpha, dtype=module.weight.dtype))
     return model
 
 
