@@ -126,6 +126,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInf
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_per_example_like_the_reference_on_digits():
     """32 digits test images of a briefly trained resnet_tiny at 16/255 (at 8/255 all 32 stay robust): the examples
     the suite calls robust and the reference breaks are not significantly more than the reverse (exact one-sided
@@ -137,6 +138,7 @@ def test_per_example_like_the_reference_on_digits():
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_per_example_like_the_reference_on_fashion_mnist():
     """The same on 32 real Fashion-MNIST test images of resnet_tiny trained 200 steps, at 2/255 (some robust)."""
     model, info = train("fashion-mnist", 200)
@@ -146,6 +148,7 @@ def test_per_example_like_the_reference_on_fashion_mnist():
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_per_example_at_least_as_strong_as_torchattacks():
     """torchattacks' independent port of the standard AutoAttack (its own APGD-CE, APGD-T, FAB-T and Square, at its
     defaults) on the same 32 digits images at 16/255: the examples the suite calls robust and torchattacks breaks are
@@ -165,6 +168,7 @@ def test_per_example_at_least_as_strong_as_torchattacks():
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_same_seeds_and_one_batch_give_the_reference_images_bit_for_bit(monkeypatch):
     """With every stage seeded 0 (the reference seeds every attack with its one seed) and the batch holding all the
     images, the suite's cascade (stage order, subsetting to the still-robust examples, targets, budgets, the memoized
