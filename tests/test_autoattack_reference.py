@@ -196,10 +196,14 @@ def test_same_seeds_and_one_batch_give_the_reference_images_bit_for_bit(monkeypa
 def test_square_memo_changes_no_image_and_forwards_fewer_rows():
     """The reference's Square on the memoized forward: the same adversarial images as on the bare model, with fewer
     rows forwarded (the memo answers the final check of the best images and candidates that the ball and the box
-    clip back onto the current image)."""
+    clip back onto the current image). The model runs row by row (``RowByRow``: a row's logits are the same bits in
+    any batch), so any difference is the memo's. At 64/255 Square fools most of the images within 200 queries (about
+20 of 24 here), so the images compared are mostly adversarial ones, far above the check's 6."""
     from pyautoattack.square import SquareAttack
+    from test_square_memo import RowByRow
 
-    model, _ = train("digits", 60)
+    trained, _ = train("digits", 150)
+    model = RowByRow(trained).eval()
     x, y = first_images("digits", 24)
     counted = []
 
@@ -212,10 +216,11 @@ def test_square_memo_changes_no_image_and_forwards_fewer_rows():
     with frozen(model):
         memo = MemoForward(model, CPU)
         for forward in (bare, memo):
-            square = SquareAttack(forward, p_init=0.8, n_queries=200, eps=16 / 255, norm="Linf", n_restarts=1,
+            square = SquareAttack(forward, p_init=0.8, n_queries=200, eps=64 / 255, norm="Linf", n_restarts=1,
                                   seed=0, verbose=False, device=CPU, resc_schedule=False)
             outputs.append(square.perturb(x, y))
-    assert torch.equal(outputs[0], outputs[1]) and (outputs[0] != x).any()
+    assert torch.equal(outputs[0], outputs[1])
+    assert int((outputs[0] != x).flatten(1).any(1).sum()) >= 6, "Square fooled too few images to compare"
     assert 0 < memo.forwarded < sum(counted)
 
 

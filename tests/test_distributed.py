@@ -305,3 +305,30 @@ def test_results_without_the_precision_column_still_read(tmp_path):
     frame.to_csv(tmp_path / "v2.csv", index=False)
     (back,) = read_results(tmp_path / "v2.csv")
     assert back.precision == "" and back.clean_top1 == 0.9 and "precision" in FIELD_NAMES
+
+
+@pytest.mark.slow
+def test_autoattack_sharded_over_two_ranks_equals_one_process(tmp_path, torchrun):
+    """``attack --attack aa`` under torchrun: the ranks take whole batches with per-(batch, eps, stage) seeds, so two
+    ranks count what one process (one thread, as each rank) counts, example for example: the same robust top-1."""
+    from robust_enc.cli import main
+    from robust_enc.results import read_results
+
+    assert main(["train", "--model", "resnet_tiny", "--dataset", "digits", "--epochs", "10", "--batch-size", "64",
+                 "--lr", "0.05", "--device", "cpu", "--out-dir", str(tmp_path), "--run-id", "tiny"]) == 0
+    run = tmp_path / "tiny"
+    common = ["attack", "--checkpoint", str(run), "--attack", "aa", "--eps", "16/255", "--steps", "5", "--subset",
+              "20", "--batch-size", "5", "--device", "cpu"]
+    torchrun("robust_enc.cli", [*common, "--out", str(tmp_path / "ranks.csv")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "one.csv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ranks, one = ({r.attack: r for r in read_results(tmp_path / name)} for name in ("ranks.csv", "one.csv"))
+    assert set(ranks) == set(one) == {"none", "autoattack"}
+    for attack in ranks:
+        assert (ranks[attack].n, ranks[attack].clean_top1, ranks[attack].adv_top1) == \
+               (one[attack].n, one[attack].clean_top1, one[attack].adv_top1) and not ranks[attack].flags
+    assert 0 < one["autoattack"].adv_top1 < one["none"].clean_top1  # some images broken, some robust
