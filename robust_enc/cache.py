@@ -44,7 +44,7 @@ from robust_enc.images import (
     levels_of,
     to_float,
 )
-from robust_enc.io import sweep_stale_temps, temp_prefix
+from robust_enc.io import prepare_folder, temp_prefix
 from robust_enc.preprocessing import Preprocessing, suite_preprocessing
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,9 @@ def build_cache(folder: Path, info: DatasetInfo, samples: list[tuple[str, int]],
     """Decode ``samples`` with the evaluation transform into ``folder`` (images.npy uint8 (N, 3, S, S), labels.npy,
     meta.json), writing one batch at a time into a temporary folder renamed into place at the end."""
     _, height, width = info.input_shape
-    folder.parent.mkdir(parents=True, exist_ok=True)
     # marked with this process's pid: a build killed mid-way leaves a temp folder as large as the cache, which the
     # next build here (or any atomic write into this folder) removes once its writer is dead
-    sweep_stale_temps(folder.parent)
+    prepare_folder(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=folder.parent))
     try:
         sources = [fingerprint(path) for path, _ in samples]  # before decoding: a file edited meanwhile shows as stale

@@ -76,7 +76,8 @@ def sweep_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
-def _prepare_folder(folder: Path) -> None:
+def prepare_folder(folder: Path) -> None:
+    """Create ``folder`` and, the first time this process writes there, sweep dead writers' temp files."""
     folder.mkdir(parents=True, exist_ok=True)
     resolved = folder.resolve()
     if resolved not in _swept:
@@ -87,7 +88,7 @@ def _prepare_folder(folder: Path) -> None:
 def write_atomic(path: str | Path, write: Callable[[IO], None], *, binary: bool = False) -> Path:
     """Call ``write(f)`` on a temporary file in the target folder, fsync, then rename over ``path``."""
     path = Path(path)
-    _prepare_folder(path.parent)
+    prepare_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
@@ -111,7 +112,7 @@ def replace_folder_atomic(folder: str | Path, fill: Callable[[Path], T]) -> T:
     (a full disk, ...) leaves the previous ``folder`` as it was and no temporary folder behind. The swap is two renames:
     an exception between them (SIGTERM) puts the previous folder back; a kill -9 leaves both under temp names."""
     folder = Path(folder)
-    _prepare_folder(folder.parent)
+    prepare_folder(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=folder.parent))
     try:
         os.chmod(tmp, _DIR_MODE)
