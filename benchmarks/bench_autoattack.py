@@ -14,7 +14,6 @@ McNemar p says whether the suite leaves significantly more robust than the refer
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from contextlib import contextmanager
 
@@ -24,6 +23,7 @@ from torch import nn
 from benchmarks._common import machine, write_section
 from robust_enc.attacks import evaluate_model
 from robust_enc.attacks.autoattack import AutoAttack
+from robust_enc.attacks.checks import mcnemar_p
 from robust_enc.data import build_dataset, build_loader
 from robust_enc.models import ModelSpec, frozen
 from robust_enc.regularizers import build_model
@@ -80,11 +80,6 @@ def recording_verdicts(model: nn.Module, x: torch.Tensor, verdicts: torch.Tensor
         AutoAttack.adversarial = original
 
 
-def one_sided_mcnemar(b: int, c: int) -> float:
-    """P(X >= b), X ~ Binomial(b + c, 1/2)."""
-    return sum(math.comb(b + c, k) for k in range(b, b + c + 1)) / 2 ** (b + c) if b + c else 1.0
-
-
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     model, train_s = train_digits()
@@ -123,7 +118,7 @@ def run(args: argparse.Namespace) -> str:
         f"{int(reference.sum()) / len(reference):.1%} | |",
         "",
         f"Per example: {suite_only} robust for the suite only, {reference_only} for the reference only (exact "
-        f"one-sided McNemar p = {one_sided_mcnemar(suite_only, reference_only):.3g} that the suite is weaker).",
+        f"one-sided McNemar p = {mcnemar_p(suite_only, reference_only):.3g} that the suite is weaker).",
     ])
 
 
