@@ -3,6 +3,7 @@
 #   1. the GPU-marked tests (pytest -m gpu);
 #   2. ENC step overhead, ResNet-50 224x224 bf16 channels_last (bench_enc_overhead --gpu-only);
 #   3. FGSM and PGD-10 ResNet-50 images/s, suite vs bare torch (bench_attacks --gpu-only);
+#   3b. attacks with NHWC convolution weights against NCHW, ResNet-50 (bench_channels_last);
 #   4. the decode cache against JPEG decoding, baked vs parametrized ENC under FGSM (bench_imagenet --device cuda);
 #   5. with 2+ GPUs: a tiny preset reproduced under torchrun with NCCL;
 # then a short summary. Rows go into BENCHMARKS.md (sections *-gpu); logs and a copy of BENCHMARKS.md into $OUT
@@ -109,6 +110,17 @@ elif [ "$DRY" -eq 1 ]; then
         --gpu-n 4 --gpu-batch-size 2 --gpu-rounds 1 "${WRITE[@]}"
 else
     step attacks 120 "$PY" -m benchmarks.bench_attacks --gpu-only --gpu-n 1024 --gpu-batch-size 128 --gpu-rounds 3
+fi
+
+# --- 3b. attack --channels-last against NCHW ------------------------------------------------------------------------
+if [ "$HAVE_ART" -eq 0 ]; then
+    SUMMARY+=("channels-last: skipped (needs ART)")
+elif [ "$DRY" -eq 1 ]; then
+    step channels-last 60 "$PY" -m benchmarks.bench_channels_last --device cpu --model resnet_tiny --size 16 --n 4 \
+        --batch-size 2 --rounds 1 "${WRITE[@]}"
+else
+    step channels-last 60 "$PY" -m benchmarks.bench_channels_last --device cuda --model resnet50 --size 224 --n 512 \
+        --batch-size 128 --rounds 2 --section channels-last-gpu
 fi
 
 # --- 4. decode cache vs JPEG decode; baked vs parametrized ENC ------------------------------------------------------

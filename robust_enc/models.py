@@ -354,6 +354,23 @@ def total_weight_norm(model: nn.Module) -> float:
 
 
 @contextlib.contextmanager
+def channels_last_weights(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """The 4-d (convolution) weights in NHWC layout while a measurement runs, each parameter's own layout restored
+    afterwards, also on error. Why: a convolution whose weight is channels_last runs NHWC kernels (the input is
+    converted inside it), which are faster on GPUs and on many CPUs (BENCHMARKS.md); values do not change, only the
+    kernels' float rounding. Parameters only: their tensors keep their identity (``.data`` swapped), which a
+    caller's optimizer or hooks rely on; ``Module.to(memory_format=...)`` would do the same but not undo it."""
+    saved = [(p, p.data) for p in model.parameters() if p.dim() == 4] if enabled else []
+    for p, data in saved:
+        p.data = data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+@contextlib.contextmanager
 def frozen(model: nn.Module, *, train_mode: bool = False) -> Iterator[nn.Module]:
     """Eval (or train) mode and ``requires_grad=False`` on every parameter while a measurement (attack, GBR) runs;
     every module's mode, every parameter's flag and ``.grad`` and, in train mode, every buffer restored afterwards,

@@ -536,6 +536,58 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(trained, uninterrupted
     assert other[0].n == 230 and progress.is_file()
 
 
+def test_channels_last_attacks_in_nhwc_and_counts_like_nchw(trained, uninterrupted, tmp_path, monkeypatch):
+    """``attack --channels-last``: the classifier ART attacks holds NHWC convolution weights, and the rows are the
+    NCHW run's up to float rounding (a flipped gradient sign or argmax may move an example: 2 of 230 allowed)."""
+    _, run, _ = trained
+    layouts: list[tuple[bool, bool]] = []  # (NHWC-contiguous, NCHW-contiguous): a 1x1 or 1-channel kernel is both
+    build = art_adapter.build_classifier
+
+    def recording(model, **kwargs):
+        layouts.extend((p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous())
+                       for p in model.parameters() if p.dim() == 4)
+        return build(model, **kwargs)
+
+    monkeypatch.setattr(art_adapter, "build_classifier", recording)
+    out = tmp_path / "nhwc.csv"
+    assert main(["attack", "--checkpoint", str(run), "--attack", "fgsm,pgd", "--eps", "4/255,16/255", "--steps", "3",
+                 "--batch-size", "64", "--subset", "230", "--device", "cpu", "--out", str(out),
+                 "--channels-last"]) == 0
+    assert all(nhwc for nhwc, _ in layouts) and not all(nchw for _, nchw in layouts)
+    rows = read_results(out)
+    assert [(r.attack, r.eps, r.n) for r in rows] == [(r.attack, r.eps, r.n) for r in uninterrupted]
+    for nhwc, nchw in zip(rows, uninterrupted):
+        assert abs(nhwc.clean_top1 - nchw.clean_top1) * 230 <= 1
+        assert abs(nhwc.adv_top1 - nchw.adv_top1) * 230 <= 2
+        assert not nhwc.flags
+
+
+def test_a_run_killed_in_nhwc_resumes_in_nchw(trained, uninterrupted, tmp_path):
+    """The layout is a kernel choice, like the device: the progress file of a ``--channels-last`` run serves a rerun
+    without it, and the rows are the uninterrupted NCHW run's up to float rounding."""
+    _, run, _ = trained
+    config = _config(run, tmp_path / "resumed.csv")
+    assert evaluate(replace(config, channels_last=True), max_batches=2) == []
+    served: list[int] = []
+    resumed = evaluate(config, on_batch=lambda report: served.append(report.done))
+    assert served[0] == 64 * 3
+    for row, whole in zip(resumed, uninterrupted, strict=True):
+        assert abs(row.adv_top1 - whole.adv_top1) * 230 <= 2 and row.clean_top1 == pytest.approx(whole.clean_top1,
+                                                                                                  abs=1 / 230)
+
+
+def test_channels_last_leaves_the_callers_weights_as_they_were(trained):
+    """``evaluate_model(..., channels_last=True)`` swaps the weights' storage only while measuring: afterwards each
+    parameter is the same tensor, in its own layout, on its own storage (an optimizer holding it sees no change)."""
+    model, _, _ = trained
+    before = [(p, p.data_ptr(), p.stride(), p.detach().clone()) for p in model.parameters()]
+    rows = evaluate_model(model, "digits", attacks=("fgsm",), eps=(4 / 255,), subset=64, device="cpu", gbr=True,
+                          channels_last=True)
+    assert rows[0].n == 64 and math.isfinite(rows[0].gbr)
+    for (p, pointer, stride, value), now in zip(before, model.parameters()):
+        assert now is p and p.data_ptr() == pointer and p.stride() == stride and torch.equal(p, value)
+
+
 def test_sharded_hutchinson_gbr_sums_to_the_one_process_totals():
     """--gbr under torchrun: each rank measures its shard and the sums are reduced. With > 100 classes auto picks
     hutchinson, whose probes are seeded per global batch, so 3 ranks give the one-process totals; a rank left with

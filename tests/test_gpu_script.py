@@ -22,12 +22,13 @@ def test_gpu_script_dry_run_passes_and_leaves_benchmarks_alone(tmp_path):
                           env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = done.stdout[done.stdout.index("gpu.sh summary"):]
-    for name in ("gpu-tests", "enc-overhead", "attacks", "imagenet"):
+    for name in ("gpu-tests", "enc-overhead", "attacks", "channels-last", "imagenet"):
         assert f"{name}: ok" in summary, summary
     assert "torchrun-2gpu: skipped (needs 2 GPUs" in summary
     # Each step wrote its table: the rows the GPU run would put into BENCHMARKS.md.
     assert "bf16 autocast, channels_last" in (tmp_path / "enc-overhead.log").read_text()
     assert "| PGD-10 |" in (tmp_path / "attacks.log").read_text()
+    assert "| PGD-10 |" in (tmp_path / "channels-last.log").read_text()
     imagenet = (tmp_path / "imagenet.log").read_text()
     assert "cache speed-up" in imagenet and "the same accuracies" in imagenet
     assert benchmarks_md.read_bytes() == before

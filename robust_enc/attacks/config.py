@@ -38,6 +38,7 @@ class AttackConfig:
     seed: int = 0  # seeds random, numpy and torch per batch
     out: str = ""  # results file (.csv/.json); "" = <run>/results.csv next to the checkpoint
     gbr: bool = False  # attach the model's GBR (paper eq. 18) measured on the same examples
+    channels_last: bool = False  # convolution weights in NHWC while measuring (faster kernels; same values)
     # Over the model's own preprocessing (timm's data config, torchvision's weights' transforms, the suite's pipeline):
     mean: tuple[float, ...] = ()  # per channel, in the model's Normalize layer (pixel units); () = the model's
     std: tuple[float, ...] = ()

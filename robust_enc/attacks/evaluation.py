@@ -42,7 +42,7 @@ from robust_enc.attacks.state import CLEAN, all_reduce, load_progress, progress_
 from robust_enc.data import build_dataset, build_loader, evaluation_split
 from robust_enc.errors import UserError
 from robust_enc.images import DatasetInfo, loader_levels, unreadable_count
-from robust_enc.models import frozen, total_weight_norm
+from robust_enc.models import channels_last_weights, frozen, total_weight_norm
 from robust_enc.results import ResultRow, append_results, check_results_target, library_versions, parse_eps
 from robust_enc.runtime.distributed import any_rank, barrier, evaluation_process
 from robust_enc.runtime.progress import Task, task
@@ -61,7 +61,8 @@ PROGRESS_FORMAT = 4  # bump when the tallies' keys or fields change: older progr
 
 def _progress_key(config: AttackConfig, provenance: Provenance, info: DatasetInfo, rank: int, world: int) -> str:
     settings = asdict(config)
-    for name in ("out", "device", "workers", "gbr", "download", "data_dir", "cache"):  # do not change what is counted
+    # none of these changes what is counted (channels_last: the kernels, like the device)
+    for name in ("out", "device", "workers", "gbr", "download", "data_dir", "cache", "channels_last"):
         settings.pop(name)
     payload = {"config": settings, "checkpoint": provenance.checkpoint_hash, "run_id": provenance.run_id,
                "dataset": info.name, "split": info.split, "size": info.size, "image_set": info.image_set,
@@ -82,8 +83,9 @@ def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, devic
                           sampler=ShardSampler(len(dataset), config.batch_size, rank, world))
     # Hutchinson probes seeded per global batch (this rank's j-th batch is global batch rank + j * world), so the
     # totals do not depend on the number of processes.
-    measured = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
-                          batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
+    with channels_last_weights(model, config.channels_last):
+        measured = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
+                              batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
     values = measured.values.double()
     return [float(len(values)), float(values.sum()), float(values.pow(2).sum()),
             float(measured.logit_spread.sum()), float(measured.loss_gbr.sum())]
@@ -130,7 +132,7 @@ def run_evaluation(model: nn.Module, dataset: Dataset, info: DatasetInfo, config
     with evaluation_process(config.device) as (rank, world, device), restored_rng():
         model = model.to(device)
         run = Evaluation(model, info, config, plans, eps, device)
-        with frozen(model):
+        with frozen(model), channels_last_weights(model, config.channels_last):
             classifier = art_adapter.build_classifier(model, num_classes=info.num_classes,
                                                       input_shape=info.input_shape, device=device)
             run.prepare(classifier)
@@ -267,7 +269,7 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *,
                    steps: int | None = None, step_size: float | None = None, random_start: bool = True,
                    restarts: int = 1, seed: int = 0, gbr: bool = False, run_id: str = "model", model_name: str = "",
                    out: str | Path | None = None, on_batch: OnBatch | None = None,
-                   checkpoint_hash: str = "") -> list[ResultRow]:
+                   checkpoint_hash: str = "", channels_last: bool = False) -> list[ResultRow]:
     """RobustBench-style one call: clean, each attack at each eps and their worst case for an ``nn.Module`` taking
     images in [0, 1] (normalization inside) and returning logits.
 
@@ -276,7 +278,8 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *,
     ``norm``: "linf"/"l2" ("Linf"/"L2" too). The model is moved to ``device`` (and stays there); its train/eval mode,
     requires_grad flags and ``.grad`` are restored. Rows are returned, and appended to ``out`` when given.
     ``checkpoint_hash``: the rows' model hash; "" = hash the state dict now (a ResNet-50's 100 MB, copied off the GPU:
-    pass it when calling repeatedly, e.g. in a timing loop)."""
+    pass it when calling repeatedly, e.g. in a timing loop). ``channels_last``: convolution weights in NHWC while
+    measuring (faster kernels, same values; each weight's layout restored afterwards)."""
     from robust_enc.checkpoint import state_hash
 
     norm = threat_norm(norm)
@@ -291,7 +294,8 @@ def evaluate_model(model: nn.Module, dataset: str | Dataset = "digits", *,
 
     config = AttackConfig(dataset=info.name, split=info.split, subset=info.subset, batch_size=batch_size,
                           device=device, attacks=names, eps=radii, norm=norm, steps=steps, step_size=step_size,
-                          random_start=random_start, restarts=restarts, seed=seed, gbr=gbr)
+                          random_start=random_start, restarts=restarts, seed=seed, gbr=gbr,
+                          channels_last=channels_last)
     provenance = Provenance(run_id=run_id, model=model_name or type(model).__name__,
                             checkpoint_hash=checkpoint_hash or state_hash(model.state_dict()),
                             weight_sq_norm=total_weight_norm(model), weights="in memory",
