@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_enc.errors import UserError
-from robust_enc.models import frozen
+from robust_enc.models import channels_last_weights, frozen
 from robust_enc.registry import Registry
 from robust_enc.runtime.device import strict_fp32
 from robust_enc.runtime.distributed import is_main_process
@@ -294,7 +294,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
                method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
                train_mode: bool = False, seed: int = 0, batch_seed: Callable[[int], int] | None = None,
-               max_exact_classes: int = 100, companions: bool = True) -> PerExample:
+               max_exact_classes: int = 100, companions: bool = True, channels_last: bool = False) -> PerExample:
     """Per-example values [n] (float64, CPU; n may be 0: no error, so a rank with an empty shard can still join the
     reduction), the method that ran, and the companions (None in train mode). Arguments as ``measure_gbr``."""
     fn = check_options(output, method, probes, max_exact_classes)
@@ -305,7 +305,7 @@ def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     try:
         model.to(device)
         total = len(batches) if isinstance(batches, Sized) else 0
-        with frozen(model, train_mode=train_mode), strict_fp32(), \
+        with frozen(model, train_mode=train_mode), channels_last_weights(model, channels_last), strict_fp32(), \
                 task(f"gbr ({output})", total, show=is_main_process()) as bar:  # TF32 would move GBR: strict fp32
             for j, (x, y) in enumerate(batches):
                 bar.update(advance=1)
@@ -335,7 +335,7 @@ def gbr_values(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
 def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, output: str = "logits",
                 method: str = "auto", probes: int = 4, device: torch.device | str | None = None,
                 train_mode: bool = False, seed: int = 0, batch_seed: Callable[[int], int] | None = None,
-                max_exact_classes: int = 100, companions: bool = True,
+                max_exact_classes: int = 100, companions: bool = True, channels_last: bool = False,
                 return_values: bool = False) -> GBRResult | tuple[GBRResult, torch.Tensor]:
     """Eq. 18 over ``batches`` of (x [B, C, H, W] in [0, 1], y [B] int64): mean, standard error, 95% CI and the
     per-example distribution.
@@ -348,13 +348,14 @@ def measure_gbr(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     is written. ``device`` None = where the model already is. Probes come from one CPU generator seeded with ``seed``,
     or, with ``batch_seed``, batch j's from a generator seeded with ``batch_seed(j)`` (sharded runs: the same probes
     for a global batch on whichever rank it lands). ``companions`` (eval mode): also the logit spread, the scale-free
-    GBR and the loss GBR (see the module doc; one more backward per batch). ``return_values`` also returns the
-    per-example values [n] (float64, CPU).
+    GBR and the loss GBR (see the module doc; one more backward per batch). ``channels_last``: convolution weights in
+    NHWC while measuring (faster kernels, same values up to rounding; layouts restored). ``return_values`` also
+    returns the per-example values [n] (float64, CPU).
     """
     start = time.perf_counter()
     measured = gbr_values(model, batches, output=output, method=method, probes=probes, device=device,
                           train_mode=train_mode, seed=seed, batch_seed=batch_seed,
-                          max_exact_classes=max_exact_classes, companions=companions)
+                          max_exact_classes=max_exact_classes, companions=companions, channels_last=channels_last)
     result = summarize(measured.values, output=output, method=measured.method, probes=probes,
                        wall_s=time.perf_counter() - start, logit_spread=measured.logit_spread,
                        loss_gbr=measured.loss_gbr)

@@ -420,6 +420,31 @@ def test_cli_end_to_end_writes_json(gbr_cli, run_dir, tmp_path, capsys) -> None:
     assert json.loads(model_json.read_text())["mean"] == pytest.approx(data["mean"], rel=1e-6)
 
 
+def test_cli_channels_last_measures_in_nhwc_the_same_gbr(gbr_cli, run_dir, tmp_path, monkeypatch) -> None:
+    """``gbr --channels-last``: every batch is measured with NHWC convolution weights, and the GBR is the NCHW one
+    up to float rounding."""
+    import robust_enc.gbr as gbr_module
+
+    layouts: list[bool] = []
+    per_example = gbr_module._per_example
+
+    def recording(model, *args, **kwargs):
+        layouts.append(all(p.is_contiguous(memory_format=torch.channels_last)
+                           for p in model.parameters() if p.dim() == 4))
+        return per_example(model, *args, **kwargs)
+
+    def mean(*extra: str) -> float:
+        out = tmp_path / "gbr.json"
+        assert gbr_cli(["gbr", "--checkpoint", str(run_dir), "--subset", "40", "--device", "cpu", "--json", str(out),
+                        *extra]) == 0
+        return json.loads(out.read_text())["mean"]
+
+    nchw = mean()
+    monkeypatch.setattr(gbr_module, "_per_example", recording)
+    assert mean("--channels-last") == pytest.approx(nchw, rel=1e-5)
+    assert layouts and all(layouts)
+
+
 def test_cli_one_example_prints_the_nan_interval(gbr_cli, run_dir, capsys) -> None:
     assert gbr_cli(["gbr", "--checkpoint", str(run_dir), "--subset", "1", "--device", "cpu"]) == 0
     assert "95% CI [nan, nan], n = 1" in capsys.readouterr().out  # not eaten as rich markup

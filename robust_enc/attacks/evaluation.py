@@ -83,9 +83,9 @@ def _measure_gbr(model: nn.Module, dataset: Dataset, config: AttackConfig, devic
                           sampler=ShardSampler(len(dataset), config.batch_size, rank, world))
     # Hutchinson probes seeded per global batch (this rank's j-th batch is global batch rank + j * world), so the
     # totals do not depend on the number of processes.
-    with channels_last_weights(model, config.channels_last):
-        measured = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
-                              batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0))
+    measured = gbr_values(model, loader, output="logits", device=device, seed=config.seed,
+                          batch_seed=lambda j: seed_for(config.seed, rank + j * world, "gbr", 0.0),
+                          channels_last=config.channels_last)
     values = measured.values.double()
     return [float(len(values)), float(values.sum()), float(values.pow(2).sum()),
             float(measured.logit_spread.sum()), float(measured.loss_gbr.sum())]
