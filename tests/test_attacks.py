@@ -536,6 +536,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(trained, uninterrupted
     assert other[0].n == 230 and progress.is_file()
 
 
+@pytest.mark.numerics
 def test_channels_last_attacks_in_nhwc_and_counts_like_nchw(trained, uninterrupted, tmp_path, monkeypatch):
     """``attack --channels-last``: the classifier ART attacks holds NHWC convolution weights, and the rows are the
     NCHW run's up to float rounding (a flipped gradient sign or argmax may move an example: 2 of 230 allowed)."""

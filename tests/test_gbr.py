@@ -420,6 +420,7 @@ def test_cli_end_to_end_writes_json(gbr_cli, run_dir, tmp_path, capsys) -> None:
     assert json.loads(model_json.read_text())["mean"] == pytest.approx(data["mean"], rel=1e-6)
 
 
+@pytest.mark.numerics
 def test_cli_channels_last_measures_in_nhwc_the_same_gbr(gbr_cli, run_dir, tmp_path, monkeypatch) -> None:
     """``gbr --channels-last``: every batch is measured with NHWC convolution weights, and the GBR is the NCHW one
     up to float rounding."""
