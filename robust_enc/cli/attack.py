@@ -11,6 +11,7 @@ from robust_enc.attacks.registry import ATTACKS, parse_attacks
 from robust_enc.cli.common import (
     EXIT_OK,
     add_allow_flags_argument,
+    add_channels_last_argument,
     add_data_arguments,
     add_device_argument,
     add_file_data_arguments,
@@ -28,9 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="", help="data split (default: test, or val where there is no test)")
     add_file_data_arguments(parser)
     add_device_argument(parser)
-    parser.add_argument("--channels-last", action="store_true",
-                        help="convolution weights in NHWC while attacking and measuring GBR: faster kernels on GPUs "
-                        "and many CPUs, the same values up to float rounding")
+    add_channels_last_argument(parser, "attacking and measuring GBR")
     threat = parser.add_argument_group("threat model")
     threat.add_argument("--attack", default="fgsm",
                         help=f"comma-separated attacks: {', '.join(ATTACKS.names())} (aa = autoattack; default fgsm)")

@@ -65,6 +65,12 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
 
+def add_channels_last_argument(parser: argparse.ArgumentParser, while_: str) -> None:
+    parser.add_argument("--channels-last", action="store_true",
+                        help=f"convolution weights in NHWC while {while_}: faster kernels on GPUs and many CPUs, the "
+                        "same values up to float rounding")
+
+
 def add_allow_flags_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-flags", action="store_true",
                         help=f"exit 0 when sanity checks flag the results (default: exit {EXIT_FLAGS})")

@@ -6,7 +6,12 @@ import argparse
 import json
 import math
 
-from robust_enc.cli.common import add_data_arguments, add_device_argument, add_model_arguments
+from robust_enc.cli.common import (
+    add_channels_last_argument,
+    add_data_arguments,
+    add_device_argument,
+    add_model_arguments,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "block is taken, which costs --batch-size times the eval-mode backward passes")
     gbr.add_argument("--seed", type=int, default=0, help="seed of the hutchinson probes")
     add_device_argument(parser)
-    parser.add_argument("--channels-last", action="store_true",
-                        help="convolution weights in NHWC while measuring: faster kernels on GPUs and many CPUs, the "
-                        "same values up to float rounding")
+    add_channels_last_argument(parser, "measuring")
     parser.add_argument("--json", default=None, help="also write the result (and its provenance) to this JSON file")
 
 
