@@ -12,7 +12,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 STUDY_DIR="${STUDY_DIR:-/work/study}"
-ROWS="baseline enc ls mixup cutmix enc+ls enc+cutmix+ls"
+ROWS="${ROWS:-baseline enc ls mixup cutmix enc+ls enc+cutmix+ls}"
 SEEDS="${SEEDS:-1 2 0}"
 LAST_EVAL='autoattack,linf,0.00784313725490196,'  # the preset's last evaluation: AutoAttack at 2/255
 
