@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The Fashion-MNIST evidence study, run across sessions on 2 CPU cores (about 14 hours in all).
+# The Fashion-MNIST evidence study, run across sessions on 2 CPU cores (6-14 hours in all, by machine).
 #   run.sh start     two workers, one CPU thread each at nice 19, detached; each claims the next (row, seed) that is
 #                    neither claimed nor already recorded in runs/ here, and runs it with `robust-enc reproduce`
 #   run.sh collect   copy each finished model's small files (results, metrics, config, card; never the checkpoint)
 #                    from the work folder into runs/ here, to be committed: the checkpoints live only on the machine
 #                    that trained them, and a session's machine is not always kept for the next
-#   run.sh status    what is recorded here, what is running, the workers' log
+#   run.sh status    how many models are recorded here, and the workers' last log lines
 # The work folder is $STUDY_DIR (default /work/study). Workers import a frozen copy of the product (a git worktree
 # at the commit they started from), so editing the checkout does not change a model halfway through.
 set -euo pipefail
@@ -14,7 +14,8 @@ REPO="$(cd "$HERE/../.." && pwd)"
 STUDY_DIR="${STUDY_DIR:-/work/study}"
 ROWS="${ROWS:-baseline enc ls mixup cutmix enc+ls enc+cutmix+ls}"
 SEEDS="${SEEDS:-1 2 0}"
-LAST_EVAL='autoattack,linf,0.00784313725490196,'  # the preset's last evaluation: AutoAttack at 2/255
+# The preset's last evaluation, AutoAttack at 2/255, as its row reads in results.csv (columns attack, norm, eps)
+LAST_EVAL='autoattack,linf,0.00784313725490196,'
 
 finished() { [ -f "$1/results.csv" ] && grep -q "$LAST_EVAL" "$1/results.csv"; }
 
