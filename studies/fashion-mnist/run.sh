@@ -47,7 +47,7 @@ case "${1:-}" in
       "$REPO/robust_enc/presets/fashion-mnist.json" > "$STUDY_DIR/preset.json"
     for w in 1 2; do setsid nohup "$0" worker "$w" > /dev/null 2>&1 < /dev/null & done
     echo "two workers started; their log: $STUDY_DIR/log.txt" ;;
-  worker) worker "$2" ;;
+  worker) worker "${2:?usage: run.sh worker N (run.sh start runs two)}" ;;
   collect)
     for run in "$STUDY_DIR"/out/runs/*/; do
       finished "$run" || continue
