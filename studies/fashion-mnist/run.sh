@@ -38,6 +38,10 @@ worker() {
 
 case "${1:-}" in
   start)
+    # A second pair of workers would reset the claims and train the same models into the same folders.
+    if pgrep -f "run.sh worker" > /dev/null; then
+      echo "workers are already running (see: $0 status); to restart, first: pkill -f 'run.sh worker'; pkill -f 'robust-enc reproduce'" >&2; exit 1
+    fi
     [ -x "$REPO/.venv/bin/robust-enc" ] || make -C "$REPO" .venv/.installed-stamp
     mkdir -p "$STUDY_DIR/logs"
     rm -rf "$STUDY_DIR/claims" && mkdir -p "$STUDY_DIR/claims"
